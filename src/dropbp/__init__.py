@@ -1,0 +1,45 @@
+"""DropBP: skip the backward pass of random residual branches to fine-tune faster.
+
+Implements DropBP (Woo et al., NeurIPS 2024, arXiv 2402.17812)::
+
+    import dropbp
+    handle = dropbp.apply(model, drop_rate=0.5)
+
+``import dropbp`` imports torch only; the Hugging Face integration loads lazily.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dropbp.allocation import allocate_drop_rates
+from dropbp.config import DropBPConfig
+from dropbp.handle import DropBPHandle, apply, find_handle
+from dropbp.hooks import Branch
+from dropbp.masks import sample_mask
+
+if TYPE_CHECKING:
+    from dropbp.integrations.trainer import DropBPCallback
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Branch",
+    "DropBPCallback",
+    "DropBPConfig",
+    "DropBPHandle",
+    "__version__",
+    "allocate_drop_rates",
+    "apply",
+    "find_handle",
+    "sample_mask",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # transformers is heavy and optional: import it only when the callback is asked for.
+    if name == "DropBPCallback":
+        from dropbp.integrations.trainer import DropBPCallback
+
+        return DropBPCallback
+    raise AttributeError(f"module 'dropbp' has no attribute {name!r}")

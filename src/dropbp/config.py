@@ -1,0 +1,81 @@
+"""The one configuration object behind ``dropbp.apply``, ``DropBPCallback`` and the CLI."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from dropbp.validation import check_rate
+
+__all__ = ["DropBPConfig"]
+
+
+@dataclass
+class DropBPConfig:
+    """Settings of a DropBP run.
+
+    Every field has a ``help`` entry in its metadata; the CLI builds its options from them.
+
+    Raises:
+        ValueError: From ``__post_init__``, on any out-of-range field.
+    """
+
+    drop_rate: float = field(
+        default=0.5,
+        metadata={"help": "Target fraction of branch FLOPs whose backward is skipped, in [0, max_rate]."},
+    )
+    seed: int = field(default=0, metadata={"help": "Mask seed; every rank must use the same one."})
+    max_rate: float = field(default=0.9, metadata={"help": "Upper bound on any one branch's drop rate, in (0, 1)."})
+    sensitivity_at: float | None = field(
+        default=0.1,
+        metadata={
+            "help": "Fraction of training after which sensitivity is measured and rates allocated; "
+            "None keeps the rates uniform."
+        },
+    )
+    sensitivity_batches: int = field(
+        default=1, metadata={"help": "Training batches averaged for the sensitivity measurement."}
+    )
+    branches: list[str] | None = field(
+        default=None,
+        metadata={"help": "fnmatch patterns of residual-branch module names; None auto-detects."},
+    )
+    auto_step: bool = field(
+        default=True, metadata={"help": "Sample a new mask at every training forward of the model."}
+    )
+    allocation: Literal["exact", "greedy"] = field(
+        default="exact", metadata={"help": "Drop-rate allocation: exact water-filling or the paper's greedy."}
+    )
+    sensitivity_metric: Literal["grad_diff", "grad_norm_diff"] = field(
+        default="grad_diff",
+        metadata={
+            "help": "grad_diff: ||G - G_-l||^2. grad_norm_diff: the paper code's sum of squared "
+            "differences of per-parameter gradient norms."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_rate(self.drop_rate, "drop_rate")
+        if math.isnan(self.max_rate) or not 0.0 < self.max_rate < 1.0:
+            raise ValueError(f"max_rate must be in (0, 1), got {self.max_rate!r}")
+        if self.drop_rate > self.max_rate:
+            raise ValueError(
+                f"drop_rate {self.drop_rate} exceeds max_rate {self.max_rate}; lower drop_rate or raise max_rate"
+            )
+        if self.sensitivity_at is not None and not 0.0 <= self.sensitivity_at < 1.0:
+            raise ValueError(f"sensitivity_at must be in [0, 1) or None, got {self.sensitivity_at!r}")
+        if self.sensitivity_batches < 1:
+            raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches!r}")
+        if self.allocation not in ("exact", "greedy"):
+            raise ValueError(f"allocation must be 'exact' or 'greedy', got {self.allocation!r}")
+        if self.sensitivity_metric not in ("grad_diff", "grad_norm_diff"):
+            raise ValueError(
+                f"sensitivity_metric must be 'grad_diff' or 'grad_norm_diff', got {self.sensitivity_metric!r}"
+            )
+        if isinstance(self.branches, str):
+            self.branches = [self.branches]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-serialisable dict."""
+        return asdict(self)

@@ -1,0 +1,403 @@
+"""``dropbp.apply`` and the handle it returns: the thin stateful shell over the pure core."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dropbp import hooks
+from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
+from dropbp.architectures import resolve_branches
+from dropbp.flops import flop_counter
+from dropbp.hooks import Branch
+from dropbp.masks import sample_mask
+from dropbp.sensitivity import Metric, exact_sensitivity, naive_sensitivity
+from dropbp.validation import check_mask, check_nonnegative, check_rate, check_rates
+
+__all__ = ["DropBPHandle", "apply", "find_handle"]
+
+_STATE_VERSION = 1
+
+# Root module -> its handle; weak so a deleted model does not stay alive through us.
+_HANDLES: "weakref.WeakKeyDictionary[nn.Module, DropBPHandle]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Frame:
+    """What a branch's pre-hook hands to its post-hook for one call."""
+
+    grad_was_enabled: bool
+    dropped: bool
+    counter: Any
+    key: tuple | None
+    input_requires_grad: bool
+
+
+class DropBPHandle:
+    """DropBP attached to one model. Created by :func:`apply`; not constructed directly.
+
+    Attributes:
+        branches: The residual branches in execution order.
+        model: The module DropBP was applied to.
+        seed: Seed of the mask stream.
+        auto_step: Whether each training forward of ``model`` samples the next mask.
+        sensitivities: The last sensitivities measured or loaded, else ``None``.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], seed: int, auto_step: bool, drop_rate: float):
+        modules = dict(model.named_modules())
+        self.model = model
+        self.seed = int(seed)
+        self.auto_step = bool(auto_step)
+        self.branches: list[Branch] = [Branch(name=n, module=modules[n], index=i) for i, n in enumerate(names)]
+        for branch in self.branches:
+            branch.drop_rate = drop_rate
+        self.sensitivities: list[float] | None = None
+        self._step = 0
+        self._mask = [False] * len(self.branches)
+        self._paused = 0
+        self._capture: list[torch.Tensor | None] | None = None
+        self._anchor: torch.Tensor | None = None
+        for branch in self.branches:
+            hooks.register(branch, self._pre_hook, self._post_hook)
+        self._root_hook = model.register_forward_pre_hook(self._root_pre_hook)
+
+    # ------------------------------------------------------------------ hooks
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.auto_step and not self._paused and module.training and torch.is_grad_enabled():
+            self.step()
+
+    def _pre_hook(self, branch: Branch, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        key = hooks.shape_key(args, kwargs)
+        counter = None
+        if key != branch._shape_key:
+            counter = flop_counter()
+            counter.__enter__()
+        grad = torch.is_grad_enabled()
+        dropped = grad and module.training and self._mask[branch.index]
+        x = hooks.first_input(args, kwargs)
+        branch._frames.append(_Frame(grad, dropped, counter, key, bool(x is not None and x.requires_grad)))
+        if dropped:
+            torch.set_grad_enabled(False)
+
+    def _post_hook(self, branch: Branch, module: nn.Module, args: tuple, output: Any) -> Any:
+        frame: _Frame = branch._frames.pop()
+        if frame.dropped:
+            torch.set_grad_enabled(frame.grad_was_enabled)
+        if frame.counter is not None:
+            frame.counter.__exit__(None, None, None)
+            if output is not None:
+                branch.flops = int(frame.counter.get_total_flops())
+                branch._shape_key = frame.key
+        if output is None:  # the forward raised; always_call only restores state
+            return None
+        if self._capture is not None and not frame.dropped:
+            self._capture[branch.index] = hooks.first_tensor(output)
+        if frame.dropped and branch.index == len(self.branches) - 1 and not frame.input_requires_grad:
+            return self._anchored(output)
+        return None
+
+    def _anchored(self, output: Any) -> Any:
+        """Keep the loss differentiable when nothing trainable is left in this step's graph.
+
+        If every trainable branch was dropped and nothing below requires grad (LoRA on
+        attention and MLP only), the loss would have no ``grad_fn`` and ``loss.backward()``
+        would raise. Adding a zero-valued leaf to the last branch's output keeps the
+        backward legal; no parameter receives a gradient from it.
+        """
+        out = hooks.first_tensor(output)
+        if out is None or not out.is_floating_point():
+            return None
+        if self._anchor is None:
+            self._anchor = torch.zeros((), requires_grad=True)
+        return hooks.replace_first_tensor(output, out + self._anchor.to(dtype=out.dtype, device=out.device))
+
+    # ------------------------------------------------------------------ masks
+    @property
+    def step_count(self) -> int:
+        """Number of masks sampled so far; the next :meth:`step` samples mask ``step_count``."""
+        return self._step
+
+    @property
+    def mask(self) -> list[bool]:
+        """The mask in force (True = that branch's backward is dropped)."""
+        return list(self._mask)
+
+    def step(self) -> list[bool]:
+        """Sample the mask for the next forward/backward and advance the step counter.
+
+        Returns:
+            The new mask, one bool per branch.
+        """
+        self._mask = sample_mask(self.seed, self._step, self.drop_rates)
+        self._step += 1
+        return list(self._mask)
+
+    def set_mask(self, mask: Sequence[bool]) -> None:
+        """Force a mask for the next forward without advancing the step counter.
+
+        With ``auto_step=True`` the next training forward replaces it; use
+        ``auto_step=False`` (or :meth:`paused`) to keep a forced mask.
+
+        Raises:
+            ValueError: If the mask length differs from the number of branches.
+        """
+        self._mask = check_mask(mask, len(self.branches))
+
+    @property
+    def drop_rates(self) -> list[float]:
+        """Per-branch drop rates, in execution order."""
+        return [b.drop_rate for b in self.branches]
+
+    def set_drop_rates(self, rates: Sequence[float] | float) -> None:
+        """Set the per-branch drop rates (a single number sets them all).
+
+        Raises:
+            ValueError: On a wrong length or a rate that is NaN or outside ``[0, 1)``.
+        """
+        if isinstance(rates, (int, float)):
+            rates = [rates] * len(self.branches)
+        for branch, rate in zip(self.branches, check_rates(rates, len(self.branches))):
+            branch.drop_rate = rate
+
+    @property
+    def flops(self) -> list[int | None]:
+        """Per-branch forward FLOPs at the last input shape (``None`` before a forward)."""
+        return [b.flops for b in self.branches]
+
+    def dropped_flops_fraction(self, mask: Sequence[bool] | None = None) -> float:
+        """Fraction of branch FLOPs whose backward a mask skips (the expected one if ``None``).
+
+        Raises:
+            ValueError: If FLOPs are unknown because no forward has run yet.
+        """
+        flops = self._known_flops()
+        rates = self.drop_rates if mask is None else [float(m) for m in check_mask(mask, len(flops))]
+        return flops_weighted_rate(rates, flops)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within this block, training forwards neither drop branches nor advance the masks."""
+        saved = self._mask
+        self._paused += 1
+        self._mask = [False] * len(self.branches)
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            self._mask = saved
+
+    # ------------------------------------------------------------ sensitivity
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the model that require grad (tied weights once)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sensitivity(
+        self,
+        closure: Callable[[], torch.Tensor],
+        metric: Metric = "grad_diff",
+        method: Literal["fast", "naive"] = "fast",
+    ) -> list[float]:
+        """Measure each branch's sensitivity ``S_l = ||G - G_{-l}||^2`` on one batch.
+
+        No ``.grad`` is touched, the optimizer is not involved, the mask stream does not
+        advance, and the current mask is restored afterwards. The result is also kept in
+        :attr:`sensitivities`.
+
+        Args:
+            closure: Runs one forward of the model in training mode on a fixed batch and
+                returns the scalar loss. It must not call ``backward``.
+            metric: ``"grad_diff"`` (default) or ``"grad_norm_diff"`` (the paper code's
+                sum of squared differences of per-parameter gradient norms).
+            method: ``"fast"``: one forward, one backward, and a partial backward per
+                branch (exact). ``"naive"``: ``L + 1`` forward/backward passes, for checking.
+
+        Returns:
+            One sensitivity per branch, in execution order.
+
+        Raises:
+            ValueError: If the model has no trainable parameters, the closure's loss is
+                not a differentiable scalar, or ``method`` is unknown.
+        """
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the model has no parameters that require grad; nothing to measure")
+        if method == "fast":
+            with self.paused():
+                self._capture = [None] * len(self.branches)
+                try:
+                    loss = closure()
+                    outputs = self._capture
+                finally:
+                    self._capture = None
+                result = exact_sensitivity(loss, outputs, params, metric)
+                del loss, outputs
+        elif method == "naive":
+            # Each pass must see the same dropout draws as the first.
+            devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=devices):
+                rng_state = torch.get_rng_state()
+                cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+                def loss_with_mask(mask: list[bool]) -> torch.Tensor:
+                    torch.set_rng_state(rng_state)
+                    for d, s in zip(devices, cuda_states):
+                        torch.cuda.set_rng_state(s, d)
+                    self._mask = mask
+                    return closure()
+
+                with self.paused():
+                    result = naive_sensitivity(loss_with_mask, len(self.branches), params, metric)
+        else:
+            raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
+        self.sensitivities = result
+        return list(result)
+
+    # ------------------------------------------------------------- allocation
+    def _known_flops(self) -> list[int]:
+        missing = [b.name for b in self.branches if b.flops is None]
+        if missing:
+            raise ValueError(
+                f"FLOPs of {len(missing)} branches are unknown (e.g. {missing[0]}); "
+                "run one forward of the model (or handle.sensitivity) first"
+            )
+        return [b.flops for b in self.branches]  # type: ignore[misc]
+
+    def allocate(
+        self,
+        target: float,
+        sensitivity: Sequence[float] | None = None,
+        max_rate: float = 0.9,
+        method: Literal["exact", "greedy"] = "exact",
+    ) -> list[float]:
+        """Set the drop rates from :func:`dropbp.allocate_drop_rates` and return them.
+
+        Args:
+            target: Fraction of branch FLOPs whose backward is dropped on average.
+            sensitivity: Per-branch sensitivities; ``None`` uses :attr:`sensitivities`.
+            max_rate: Upper bound on any one rate.
+            method: ``"exact"`` or ``"greedy"``.
+
+        Returns:
+            The new per-branch rates.
+
+        Raises:
+            ValueError: If no sensitivity is given or measured, FLOPs are unknown, or the
+                allocation problem is invalid.
+        """
+        if sensitivity is None:
+            if self.sensitivities is None:
+                raise ValueError("no sensitivity given or measured; call handle.sensitivity(closure) first")
+            sensitivity = self.sensitivities
+        sensitivity = check_nonnegative(sensitivity, "sensitivity")
+        if len(sensitivity) != len(self.branches):
+            raise ValueError(f"expected {len(self.branches)} sensitivities (one per branch), got {len(sensitivity)}")
+        rates = allocate_drop_rates(sensitivity, self._known_flops(), target, max_rate=max_rate, method=method)
+        self.sensitivities = list(sensitivity)
+        self.set_drop_rates(rates)
+        return rates
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the exact mask sequence (JSON-serialisable)."""
+        return {
+            "version": _STATE_VERSION,
+            "branches": [b.name for b in self.branches],
+            "seed": self.seed,
+            "step": self._step,
+            "drop_rates": self.drop_rates,
+            "mask": list(self._mask),
+            "sensitivities": self.sensitivities,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore rates, sensitivities, seed and the step counter.
+
+        Raises:
+            ValueError: If the state was saved for a different set of branches.
+        """
+        names = [b.name for b in self.branches]
+        if list(state.get("branches", [])) != names:
+            raise ValueError(
+                f"DropBP state is for {len(state.get('branches', []))} branches that differ from this model's "
+                f"{len(names)}; load it into the same architecture and branch patterns"
+            )
+        rates = check_rates(state["drop_rates"], len(names))
+        mask = check_mask(state.get("mask", [False] * len(names)), len(names))
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"DropBP state has a negative step {step}")
+        sens = state.get("sensitivities")
+        self.sensitivities = None if sens is None else check_nonnegative(sens, "sensitivities")
+        self.seed = int(state["seed"])
+        self._step = step
+        self._mask = mask
+        self.set_drop_rates(rates)
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as it was before :func:`apply`."""
+        for branch in self.branches:
+            hooks.unregister(branch)
+        self._root_hook.remove()
+        if _HANDLES.get(self.model) is self:
+            del _HANDLES[self.model]
+
+    def __repr__(self) -> str:
+        return (
+            f"DropBPHandle({len(self.branches)} branches, mean drop rate "
+            f"{sum(self.drop_rates) / max(1, len(self.branches)):.3f}, step {self._step})"
+        )
+
+
+def find_handle(model: nn.Module) -> DropBPHandle | None:
+    """Return the handle attached to ``model``, to a module inside it, or to a module around it.
+
+    The Trainer callback uses this to skip applying twice when the user already called
+    :func:`apply` on, say, the base model inside a ``PeftModel``.
+    """
+    if model in _HANDLES:
+        return _HANDLES[model]
+    for root, handle in list(_HANDLES.items()):
+        if any(m is root for m in model.modules()) or any(m is model for m in root.modules()):
+            return handle
+    return None
+
+
+def apply(
+    model: nn.Module,
+    drop_rate: float = 0.5,
+    seed: int = 0,
+    branches: Sequence[str] | None = None,
+    auto_step: bool = True,
+) -> DropBPHandle:
+    """Attach DropBP to a model.
+
+    Args:
+        model: The model to train (a transformers model, a ``PeftModel`` or any module).
+        drop_rate: Initial drop rate of every branch, in ``[0, 1)``.
+        seed: Mask seed; use the same on every data-parallel rank.
+        branches: fnmatch patterns over ``model.named_modules()`` names selecting the
+            residual branch modules. ``None`` auto-detects known architectures.
+        auto_step: If True, every forward of ``model`` in training mode with grad enabled
+            samples the next mask, so a manual loop needs nothing else.
+
+    Returns:
+        The :class:`DropBPHandle`; ``handle.remove()`` undoes everything.
+
+    Raises:
+        ValueError: On a bad rate, patterns that match nothing or nested branches, an
+            unknown architecture without ``branches=``, or a model that already has DropBP.
+    """
+    drop_rate = check_rate(drop_rate, "drop_rate")
+    if find_handle(model) is not None:
+        raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
+    names = resolve_branches(model, branches)
+    handle = DropBPHandle(model, names, seed=seed, auto_step=auto_step, drop_rate=drop_rate)
+    _HANDLES[model] = handle
+    return handle

@@ -1,0 +1,126 @@
+"""The no-grad branch mechanism: forward pre/post hooks on existing modules.
+
+A dropped branch runs its forward with grad mode off, so autograd builds no graph for it
+and saves none of its activations; its output enters the residual add as a constant, and
+the gradient flows through the skip path only. Nothing is wrapped or renamed: the module
+tree, ``state_dict()`` keys and ``forward``'s signature stay as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from dropbp.validation import check_rate
+
+__all__ = ["Branch", "first_tensor", "shape_key"]
+
+
+@dataclass(eq=False)
+class Branch:
+    """One residual branch (an attention or MLP sub-block).
+
+    Attributes:
+        name: Qualified module name in the model DropBP was applied to.
+        module: The branch module itself.
+        index: Position in execution order.
+        flops: FLOPs of one forward of this branch at the last input shape it saw, counted
+            with ``torch.utils.flop_counter``; ``None`` until it has run once.
+    """
+
+    name: str
+    module: nn.Module
+    index: int
+    flops: int | None = None
+    _drop_rate: float = 0.0
+    _shape_key: tuple | None = field(default=None, repr=False)
+    _frames: list = field(default_factory=list, repr=False)
+    _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+
+    @property
+    def drop_rate(self) -> float:
+        """Probability that this branch's backward is skipped in a step."""
+        return self._drop_rate
+
+    @drop_rate.setter
+    def drop_rate(self, value: float) -> None:
+        self._drop_rate = check_rate(value, f"drop rate of {self.name}")
+
+    def __repr__(self) -> str:
+        return f"Branch(name={self.name!r}, drop_rate={self._drop_rate:.3f}, flops={self.flops})"
+
+
+def _walk(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
+def shape_key(args: tuple, kwargs: dict) -> tuple:
+    """Shapes of the tensor inputs (one level into tuples): FLOPs change only with these."""
+    key = [tuple(t.shape) for a in args for t in _walk(a)]
+    key += [(k, tuple(t.shape)) for k, v in kwargs.items() for t in _walk(v)]
+    return tuple(key)
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a branch adds to the residual stream: itself, or the first of a tuple.
+
+    Hugging Face attention returns ``(output, weights)`` and MoE blocks
+    ``(output, router_logits)``; the first element is the residual contribution.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first tensor argument of a call, positional before keyword (``hidden_states``)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def replace_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
+    """Return ``value`` with the tensor that :func:`first_tensor` finds replaced."""
+    if isinstance(value, torch.Tensor):
+        return tensor
+    return type(value)([tensor, *value[1:]]) if isinstance(value, list) else (tensor, *value[1:])
+
+
+def register(
+    branch: Branch,
+    pre: Callable[[Branch, nn.Module, tuple, dict], None],
+    post: Callable[[Branch, nn.Module, tuple, Any], Any],
+) -> None:
+    """Attach ``pre`` and ``post`` to the branch module.
+
+    The post-hook is registered with ``always_call=True`` so grad mode is restored even
+    when the branch's forward raises.
+    """
+    module = branch.module
+    branch._handles.append(
+        module.register_forward_pre_hook(lambda m, a, k: pre(branch, m, a, k), with_kwargs=True)
+    )
+    branch._handles.append(
+        module.register_forward_hook(lambda m, a, o: post(branch, m, a, o), always_call=True)
+    )
+
+
+def unregister(branch: Branch) -> None:
+    """Remove every hook :func:`register` attached to the branch."""
+    for handle in branch._handles:
+        handle.remove()
+    branch._handles.clear()
+    branch._frames.clear()
