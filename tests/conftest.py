@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random-weight models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(layers: int = 3, seed: int = 0, **overrides):
+    """A Llama-architecture causal LM with grouped-query attention and a gated MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=layers,
+        vocab_size=64,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+    )
+    config = LlamaConfig(**{**settings, **overrides})
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (2, 12), generator=generator)
