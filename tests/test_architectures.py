@@ -1,27 +1,141 @@
+"""Every architecture in the table (and the fallback), built from a tiny config."""
+
 import pytest
-from conftest import tiny_llama
+import torch
+import transformers as T
 
+import dropbp
 from dropbp.architectures import BRANCH_PATTERNS, find_model_type, resolve_branches
+from dropbp.reference import detach_branches
+
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    num_hidden_layers=2, vocab_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=64)
+
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**SMALL),
+    "mistral": lambda: T.MistralConfig(**SMALL),
+    "mixtral": lambda: T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": lambda: T.Qwen2Config(**SMALL),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=16),
+    "qwen3": lambda: T.Qwen3Config(**SMALL, head_dim=8),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**SMALL, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=16),
+    "gemma": lambda: T.GemmaConfig(**SMALL, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**SMALL, head_dim=8),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**SMALL, head_dim=8),
+    "phi3": lambda: T.Phi3Config(**SMALL),
+    "starcoder2": lambda: T.Starcoder2Config(**SMALL),
+    "olmo2": lambda: T.Olmo2Config(**SMALL),
+    "granite": lambda: T.GraniteConfig(**SMALL),
+    "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **TOKENS),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_hidden_layers=2, **TOKENS),
+    "falcon": lambda: T.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, **TOKENS),
+    "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=2,
+                               word_embed_proj_dim=32, max_position_embeddings=64, **TOKENS),
+}
+
+# Not in the table: found by the generic fallback (decoder layer list + attention/MLP children).
+FALLBACK = {
+    "phi": lambda: T.PhiConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                               **TOKENS),
+    "gptj": lambda: T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, **TOKENS),
+}
 
 
-def test_llama_auto_detection_in_execution_order():
-    model = tiny_llama(layers=2)
-    assert find_model_type(model) == "llama"
-    assert resolve_branches(model) == [
+def build(make_config):
+    torch.manual_seed(0)
+    config = make_config()
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                "attention_probs_dropout_prob", "hidden_dropout_prob"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+def check_mechanism(make_config, batch):
+    """Fixed-mask gradients equal the detach reference; dropped branches get no gradient."""
+    model = build(make_config)
+    model.train()
+    handle = dropbp.apply(model, auto_step=False)
+    assert len(handle.branches) == 2 * model.config.num_hidden_layers
+    mask = [i % 3 == 0 for i in range(len(handle.branches))]
+
+    with handle.paused(), detach_branches([b.end_module for b in handle.branches], mask):
+        reference_loss = model(batch, labels=batch).loss
+        reference = torch.autograd.grad(reference_loss, list(model.parameters()), allow_unused=True)
+
+    handle.set_mask(mask)
+    loss = model(batch, labels=batch).loss
+    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert torch.equal(loss, reference_loss)
+    for g, r in zip(got, reference):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    params = dict((id(p), g) for p, g in zip(model.parameters(), got))
+    for branch, dropped in zip(handle.branches, mask):
+        own = [params[id(p)] for p in branch.parameters()]
+        if dropped:
+            assert all(g is None for g in own), branch.name
+        else:
+            assert any(g is not None for g in own), branch.name
+    assert all(f is not None and f > 0 for f in handle.flops)
+    return handle
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_table_architecture(model_type, batch):
+    assert model_type in BRANCH_PATTERNS
+    handle = check_mechanism(CONFIGS[model_type], batch)
+    assert find_model_type(handle.model) == model_type
+
+
+def test_opt_mlp_is_a_span(batch):
+    handle = check_mechanism(CONFIGS["opt"], batch)
+    mlp = handle.branches[1]
+    assert mlp.name == "model.decoder.layers.0.fc1..fc2"
+    layer = handle.model.model.decoder.layers[0]
+    assert mlp.module is layer.fc1 and mlp.end_module is layer.fc2
+
+
+def test_parallel_residual_gpt_neox_drops_something(batch):
+    handle = check_mechanism(CONFIGS["gpt_neox"], batch)
+    assert handle.model.config.use_parallel_residual
+    assert [b.name.rsplit(".", 1)[1] for b in handle.branches] == ["attention", "mlp"] * 2
+
+
+@pytest.mark.parametrize("model_type", sorted(FALLBACK))
+def test_generic_fallback(model_type, batch):
+    assert model_type not in BRANCH_PATTERNS
+    handle = check_mechanism(FALLBACK[model_type], batch)
+    assert all(("attn" in b.name) or ("mlp" in b.name) for b in handle.branches)
+
+
+def test_llama_order_and_explicit_patterns():
+    model = build(CONFIGS["llama"])
+    assert [s.name for s in resolve_branches(model)] == [
         "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp",
     ]
-
-
-def test_table_rows_are_pattern_tuples():
-    assert {"llama", "mistral", "qwen2", "qwen3"} <= BRANCH_PATTERNS.keys()
-    assert all(isinstance(p, tuple) and p for p in BRANCH_PATTERNS.values())
-
-
-def test_explicit_patterns_override_the_table():
-    assert resolve_branches(tiny_llama(layers=2), ["*.layers.1.mlp"]) == ["model.layers.1.mlp"]
-    assert resolve_branches(tiny_llama(layers=1), "*.mlp") == ["model.layers.0.mlp"]
+    assert [s.name for s in resolve_branches(model, ["*.layers.1.mlp"])] == ["model.layers.1.mlp"]
+    assert [s.name for s in resolve_branches(model, "*.layers.0.mlp")] == ["model.layers.0.mlp"]
 
 
 def test_nested_patterns_are_refused():
     with pytest.raises(ValueError, match="nested inside branch 'model.layers.0'"):
-        resolve_branches(tiny_llama(layers=1), ["model.layers.0", "*.mlp"])
+        resolve_branches(build(CONFIGS["llama"]), ["model.layers.0", "*.mlp"])
+
+
+def test_unknown_architecture_lists_supported_ones():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"supported: .*llama.*branches="):
+        dropbp.apply(model)
+
+
+def test_bad_span_sibling():
+    with pytest.raises(ValueError, match="no sibling module 'fc9'"):
+        resolve_branches(build(CONFIGS["opt"]), ["*.layers.*.fc1..fc9"])

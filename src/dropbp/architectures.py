@@ -2,17 +2,24 @@
 
 Architecture knowledge lives in one data table: ``model_type`` (from a Hugging Face
 config) to fnmatch patterns over ``named_modules()`` names. Adding an architecture is one
-row here and one test.
+row here and one test. Models outside the table go through a generic fallback: the
+decoder layer list, plus layer children that are clearly attention or MLP.
+
+A pattern ``"<glob>..<sibling>"`` selects a *span*: from the module the glob matches to its
+sibling named ``<sibling>``, for architectures whose MLP is not one module (OPT's
+``fc1 -> activation -> fc2``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["BRANCH_PATTERNS", "find_model_type", "resolve_branches"]
+__all__ = ["BRANCH_PATTERNS", "BranchSpec", "find_model_type", "resolve_branches"]
 
 _LLAMA_STYLE = ("*.layers.*.self_attn", "*.layers.*.mlp")
 
@@ -20,9 +27,43 @@ _LLAMA_STYLE = ("*.layers.*.self_attn", "*.layers.*.mlp")
 BRANCH_PATTERNS: dict[str, tuple[str, ...]] = {
     "llama": _LLAMA_STYLE,
     "mistral": _LLAMA_STYLE,
+    # The sparse MoE block is one branch; older transformers call it block_sparse_moe.
+    "mixtral": (*_LLAMA_STYLE, "*.layers.*.block_sparse_moe"),
     "qwen2": _LLAMA_STYLE,
+    "qwen2_moe": _LLAMA_STYLE,
     "qwen3": _LLAMA_STYLE,
+    "qwen3_moe": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    # Gemma 2/3 normalise each branch's output (post_*_layernorm) outside the branch module:
+    # those norms keep getting weight gradients when the branch is dropped.
+    "gemma2": _LLAMA_STYLE,
+    "gemma3_text": _LLAMA_STYLE,
+    "phi3": _LLAMA_STYLE,
+    "starcoder2": _LLAMA_STYLE,
+    "olmo2": _LLAMA_STYLE,
+    "granite": _LLAMA_STYLE,
+    "gpt2": ("*.h.*.attn", "*.h.*.mlp"),
+    # Parallel residual (x + attn(ln1 x) + mlp(ln2 x)): both branches read the same x.
+    "gpt_neox": ("*.layers.*.attention", "*.layers.*.mlp"),
+    "falcon": ("*.h.*.self_attention", "*.h.*.mlp"),
+    "opt": ("*.layers.*.self_attn", "*.layers.*.fc1..fc2"),
 }
+
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_MLP = re.compile(r"mlp|ffn|feed_?forward|moe|experts", re.IGNORECASE)
+_NORM = re.compile(r"norm|ln", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """A resolved branch: the module its forward starts in and the one it ends in.
+
+    ``start == end`` for an ordinary branch module; a span covers the siblings between.
+    """
+
+    name: str
+    start: str
+    end: str
 
 
 def find_model_type(model: nn.Module) -> str | None:
@@ -38,61 +79,106 @@ def find_model_type(model: nn.Module) -> str | None:
     return None
 
 
-def _match(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    return [
-        name
-        for name, _ in model.named_modules()
-        if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)
-    ]
+def _match(model: nn.Module, patterns: Sequence[str]) -> list[BranchSpec]:
+    modules = dict(model.named_modules())
+    specs = []
+    for name in modules:
+        if not name:
+            continue
+        for pattern in patterns:
+            glob, _, sibling = pattern.partition("..")
+            if not fnmatch.fnmatchcase(name, glob):
+                continue
+            if not sibling:
+                specs.append(BranchSpec(name, name, name))
+                break
+            parent = name.rpartition(".")[0]
+            end = f"{parent}.{sibling}" if parent else sibling
+            if end not in modules:
+                raise ValueError(f"span pattern {pattern!r}: {name!r} has no sibling module {sibling!r}")
+            specs.append(BranchSpec(f"{name}..{sibling}", name, end))
+            break
+    return specs
 
 
-def _check_not_nested(names: list[str]) -> None:
-    for outer in names:
-        for inner in names:
-            if inner != outer and inner.startswith(outer + "."):
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of same-class blocks holding the most parameters: the layer stack."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) != 1:
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    return best
+
+
+def _fallback(model: nn.Module) -> list[BranchSpec]:
+    found = _decoder_layers(model)
+    if found is None:
+        return []
+    prefix, layers = found
+    specs = []
+    for index, layer in enumerate(layers):
+        for child, module in layer.named_children():
+            if _NORM.search(child) or not any(True for _ in module.parameters()):
+                continue
+            if _ATTENTION.search(child) or _MLP.search(child):
+                name = f"{prefix}.{index}.{child}" if prefix else f"{index}.{child}"
+                specs.append(BranchSpec(name, name, name))
+    return specs
+
+
+def _check_not_nested(specs: list[BranchSpec]) -> None:
+    for outer in specs:
+        for inner in specs:
+            if inner is not outer and (inner.start + ".").startswith(outer.start + "."):
                 raise ValueError(
-                    f"branch {inner!r} is nested inside branch {outer!r}; "
+                    f"branch {inner.name!r} is nested inside branch {outer.name!r}; "
                     "pass branches= patterns that select only the outermost residual branch modules"
                 )
 
 
-def resolve_branches(model: nn.Module, branches: Sequence[str] | None = None) -> list[str]:
-    """Find the qualified names of the residual-branch modules of ``model``.
+def resolve_branches(model: nn.Module, branches: Sequence[str] | str | None = None) -> list[BranchSpec]:
+    """Find the residual branches of ``model``.
 
     Args:
         model: The model DropBP is applied to.
-        branches: fnmatch patterns over ``model.named_modules()`` names. ``None``
-            auto-detects from the model's ``config.model_type``.
+        branches: fnmatch patterns over ``model.named_modules()`` names (``"glob..sibling"``
+            for a span). ``None`` looks the model's ``config.model_type`` up in
+            :data:`BRANCH_PATTERNS`, then tries the generic fallback.
 
     Returns:
-        Module names in ``named_modules()`` order, which is execution order for the
+        Branch specs in ``named_modules()`` order, which is execution order for the
         architectures in the table.
 
     Raises:
-        ValueError: If the architecture is unknown and no patterns are given, if the
-            patterns match nothing, or if a matched module is nested in another.
+        ValueError: If nothing is found for an unknown architecture, if the patterns
+            match nothing, or if a matched module is nested in another.
     """
     if branches is None:
         model_type = find_model_type(model)
-        if model_type not in BRANCH_PATTERNS:
+        if model_type in BRANCH_PATTERNS:
+            specs = _match(model, BRANCH_PATTERNS[model_type])
+        else:
+            specs = _fallback(model)
+        if not specs:
             found = f"model_type {model_type!r}" if model_type else "a model without a Hugging Face config"
             raise ValueError(
                 f"cannot auto-detect residual branches for {found}; supported: "
                 f"{', '.join(sorted(BRANCH_PATTERNS))}. Pass branches=['*.layers.*.attn', '*.layers.*.mlp'] "
                 "with fnmatch patterns of your attention and MLP module names"
             )
-        patterns: Sequence[str] = BRANCH_PATTERNS[model_type]
     else:
-        if isinstance(branches, str):
-            branches = [branches]
-        patterns = list(branches)
+        patterns = [branches] if isinstance(branches, str) else list(branches)
         if not patterns:
             raise ValueError("branches= is empty; pass at least one fnmatch pattern, e.g. '*.layers.*.mlp'")
-    names = _match(model, patterns)
-    if not names:
-        raise ValueError(
-            f"branch patterns {list(patterns)} match no module; print [n for n, _ in model.named_modules()] "
-            "and pass fnmatch patterns of the attention and MLP modules"
-        )
-    _check_not_nested(names)
-    return names
+        specs = _match(model, patterns)
+        if not specs:
+            raise ValueError(
+                f"branch patterns {patterns} match no module; print [n for n, _ in model.named_modules()] "
+                "and pass fnmatch patterns of the attention and MLP modules"
+            )
+    _check_not_nested(specs)
+    return specs

@@ -13,7 +13,7 @@ from torch import nn
 
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
-from dropbp.architectures import resolve_branches
+from dropbp.architectures import BranchSpec, resolve_branches
 from dropbp.flops import flop_counter
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
@@ -39,6 +39,16 @@ class _Frame:
     input_requires_grad: bool
 
 
+def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
+    start, end = model.get_submodule(spec.start), model.get_submodule(spec.end)
+    if start is end:
+        return Branch(name=spec.name, module=start, index=index)
+    parent = model.get_submodule(spec.start.rpartition(".")[0]) if "." in spec.start else model
+    children = list(parent.children())
+    first, last = children.index(start), children.index(end)
+    return Branch(name=spec.name, module=start, index=index, end_module=end, modules=tuple(children[first : last + 1]))
+
+
 class DropBPHandle:
     """DropBP attached to one model. Created by :func:`apply`; not constructed directly.
 
@@ -50,12 +60,11 @@ class DropBPHandle:
         sensitivities: The last sensitivities measured or loaded, else ``None``.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], seed: int, auto_step: bool, drop_rate: float):
-        modules = dict(model.named_modules())
+    def __init__(self, model: nn.Module, specs: list[BranchSpec], seed: int, auto_step: bool, drop_rate: float):
         self.model = model
         self.seed = int(seed)
         self.auto_step = bool(auto_step)
-        self.branches: list[Branch] = [Branch(name=n, module=modules[n], index=i) for i, n in enumerate(names)]
+        self.branches: list[Branch] = [_make_branch(model, spec, i) for i, spec in enumerate(specs)]
         for branch in self.branches:
             branch.drop_rate = drop_rate
         self.sensitivities: list[float] | None = None
@@ -66,12 +75,23 @@ class DropBPHandle:
         self._anchor: torch.Tensor | None = None
         for branch in self.branches:
             hooks.register(branch, self._pre_hook, self._post_hook)
-        self._root_hook = model.register_forward_pre_hook(self._root_pre_hook)
+        self._root_hooks = [
+            model.register_forward_pre_hook(self._root_pre_hook),
+            model.register_forward_hook(self._root_post_hook, always_call=True),
+        ]
 
     # ------------------------------------------------------------------ hooks
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.auto_step and not self._paused and module.training and torch.is_grad_enabled():
             self.step()
+
+    def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # A forward that raised between a span's first and last module leaves a frame
+        # behind; restore the grad mode it saved so the error does not leak no-grad.
+        for branch in self.branches:
+            if branch._frames:
+                torch.set_grad_enabled(branch._frames[0].grad_was_enabled)
+                branch._frames.clear()
 
     def _pre_hook(self, branch: Branch, module: nn.Module, args: tuple, kwargs: dict) -> None:
         key = hooks.shape_key(args, kwargs)
@@ -344,7 +364,8 @@ class DropBPHandle:
         """Remove every hook; the model is exactly as it was before :func:`apply`."""
         for branch in self.branches:
             hooks.unregister(branch)
-        self._root_hook.remove()
+        for hook in self._root_hooks:
+            hook.remove()
         if _HANDLES.get(self.model) is self:
             del _HANDLES[self.model]
 
@@ -397,7 +418,7 @@ def apply(
     drop_rate = check_rate(drop_rate, "drop_rate")
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
-    names = resolve_branches(model, branches)
-    handle = DropBPHandle(model, names, seed=seed, auto_step=auto_step, drop_rate=drop_rate)
+    specs = resolve_branches(model, branches)
+    handle = DropBPHandle(model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate)
     _HANDLES[model] = handle
     return handle

@@ -26,9 +26,12 @@ class Branch:
     """One residual branch (an attention or MLP sub-block).
 
     Attributes:
-        name: Qualified module name in the model DropBP was applied to.
-        module: The branch module itself.
+        name: Qualified module name in the model DropBP was applied to
+            (``"<first>..<last>"`` for a span of sibling modules, such as OPT's MLP).
+        module: The branch module itself (the first module of a span).
         index: Position in execution order.
+        end_module: The module whose forward ends the branch (``module`` unless a span).
+        modules: Every module of the branch (the siblings a span covers).
         flops: FLOPs of one forward of this branch at the last input shape it saw, counted
             with ``torch.utils.flop_counter``; ``None`` until it has run once.
     """
@@ -36,11 +39,27 @@ class Branch:
     name: str
     module: nn.Module
     index: int
+    end_module: nn.Module | None = None
+    modules: tuple[nn.Module, ...] = ()
     flops: int | None = None
     _drop_rate: float = 0.0
     _shape_key: tuple | None = field(default=None, repr=False)
     _frames: list = field(default_factory=list, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.end_module is None:
+            self.end_module = self.module
+        if not self.modules:
+            self.modules = (self.module,) if self.end_module is self.module else (self.module, self.end_module)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The branch's own parameters (each once)."""
+        seen: dict[int, nn.Parameter] = {}
+        for module in self.modules:
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
     @property
     def drop_rate(self) -> float:
@@ -104,17 +123,16 @@ def register(
     pre: Callable[[Branch, nn.Module, tuple, dict], None],
     post: Callable[[Branch, nn.Module, tuple, Any], Any],
 ) -> None:
-    """Attach ``pre`` and ``post`` to the branch module.
+    """Attach ``pre`` to the branch's first module and ``post`` to its last.
 
     The post-hook is registered with ``always_call=True`` so grad mode is restored even
     when the branch's forward raises.
     """
-    module = branch.module
     branch._handles.append(
-        module.register_forward_pre_hook(lambda m, a, k: pre(branch, m, a, k), with_kwargs=True)
+        branch.module.register_forward_pre_hook(lambda m, a, k: pre(branch, m, a, k), with_kwargs=True)
     )
     branch._handles.append(
-        module.register_forward_hook(lambda m, a, o: post(branch, m, a, o), always_call=True)
+        branch.end_module.register_forward_hook(lambda m, a, o: post(branch, m, a, o), always_call=True)
     )
 
 
