@@ -147,7 +147,8 @@ def resolve_branches(model: nn.Module, branches: Sequence[str] | str | None = No
         model: The model DropBP is applied to.
         branches: fnmatch patterns over ``model.named_modules()`` names (``"glob..sibling"``
             for a span). ``None`` looks the model's ``config.model_type`` up in
-            :data:`BRANCH_PATTERNS`, then tries the generic fallback.
+            :data:`BRANCH_PATTERNS`, then, for other Hugging Face models, tries the generic
+            fallback; a plain ``nn.Module`` needs patterns.
 
     Returns:
         Branch specs in ``named_modules()`` order, which is execution order for the
@@ -161,8 +162,10 @@ def resolve_branches(model: nn.Module, branches: Sequence[str] | str | None = No
         model_type = find_model_type(model)
         if model_type in BRANCH_PATTERNS:
             specs = _match(model, BRANCH_PATTERNS[model_type])
-        else:
+        elif model_type is not None:
             specs = _fallback(model)
+        else:  # a plain nn.Module: its names are the user's own, so guessing would be unsafe
+            specs = []
         if not specs:
             found = f"model_type {model_type!r}" if model_type else "a model without a Hugging Face config"
             raise ValueError(

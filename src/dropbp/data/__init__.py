@@ -117,7 +117,7 @@ def load_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 raise DataError(f'{where}: "{key}" is empty')
         examples.append(obj)
     if not examples:
-        what = "the file is empty" if not data.strip() else "only blank lines"
+        what = "the file is empty" if not data else "only blank lines"
         raise DataError(f"{name}: no examples ({what})")
     return examples
 
