@@ -39,6 +39,17 @@ class _Frame:
     input_requires_grad: bool
 
 
+def _average_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Average per-rank sensitivities so every rank allocates the same rates (and masks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
 def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
     start, end = model.get_submodule(spec.start), model.get_submodule(spec.end)
     if start is end:
@@ -70,6 +81,8 @@ class DropBPHandle:
         self.sensitivities: list[float] | None = None
         self._step = 0
         self._mask = [False] * len(self.branches)
+        self._drop_counts = [0] * len(self.branches)
+        self._counted_steps = 0
         self._paused = 0
         self._capture: list[torch.Tensor | None] | None = None
         self._anchor: torch.Tensor | None = None
@@ -157,7 +170,35 @@ class DropBPHandle:
         """
         self._mask = sample_mask(self.seed, self._step, self.drop_rates)
         self._step += 1
+        self._counted_steps += 1
+        for i, dropped in enumerate(self._mask):
+            self._drop_counts[i] += dropped
         return list(self._mask)
+
+    def drop_statistics(self, reset: bool = True) -> dict[str, float]:
+        """What the masks sampled since the last reset actually dropped.
+
+        Args:
+            reset: Start a new tally after reading.
+
+        Returns:
+            ``steps`` (masks sampled), ``drop_rate`` (mean fraction of branches dropped)
+            and ``backward_flops_skipped`` (mean fraction of branch backward FLOPs skipped;
+            NaN while FLOPs are unknown). Empty values are 0.
+        """
+        steps, counts = self._counted_steps, self._drop_counts
+        stats = {"steps": float(steps), "drop_rate": 0.0, "backward_flops_skipped": 0.0}
+        if steps and self.branches:
+            stats["drop_rate"] = sum(counts) / (steps * len(self.branches))
+            flops = self.flops
+            if any(f is None for f in flops):
+                stats["backward_flops_skipped"] = float("nan")
+            else:
+                stats["backward_flops_skipped"] = flops_weighted_rate([c / steps for c in counts], flops)
+        if reset:
+            self._drop_counts = [0] * len(self.branches)
+            self._counted_steps = 0
+        return stats
 
     def set_mask(self, mask: Sequence[bool]) -> None:
         """Force a mask for the next forward without advancing the step counter.
@@ -228,7 +269,8 @@ class DropBPHandle:
 
         No ``.grad`` is touched, the optimizer is not involved, the mask stream does not
         advance, and the current mask is restored afterwards. The result is also kept in
-        :attr:`sensitivities`.
+        :attr:`sensitivities`. Under ``torch.distributed`` every rank must call this; the
+        result is averaged over ranks so that all of them allocate the same rates.
 
         Args:
             closure: Runs one forward of the model in training mode on a fixed batch and
@@ -276,6 +318,7 @@ class DropBPHandle:
                     result = naive_sensitivity(loss_with_mask, len(self.branches), params, metric)
         else:
             raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
+        result = _average_over_ranks(result, params[0].device)
         self.sensitivities = result
         return list(result)
 

@@ -1,0 +1,142 @@
+"""``DropBPCallback``: DropBP in ``transformers.Trainer`` and TRL's ``SFTTrainer``."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from dropbp.config import DropBPConfig
+from dropbp.handle import DropBPHandle, apply, find_handle
+
+__all__ = ["DropBPCallback"]
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None and isinstance(output, (tuple, list)) and output:
+        loss = output[0]
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            "DropBPCallback measures sensitivity with the model's own loss, but the training batches "
+            "carry no labels; add labels to the batches or pass sensitivity_at=None"
+        )
+    return loss
+
+
+class DropBPCallback(TrainerCallback, ExportableState):
+    """Apply DropBP inside a Hugging Face ``Trainer`` (or TRL ``SFTTrainer``).
+
+    - At train begin it applies DropBP to the model, unless :func:`dropbp.apply` already did.
+      Every micro-batch's training forward samples its own mask.
+    - After ``sensitivity_at * max_steps`` optimizer steps it measures each branch's
+      sensitivity on the last ``sensitivity_batches`` training batches (averaged, and
+      averaged over ranks) and allocates per-branch rates for the target ``drop_rate``.
+    - It adds ``dropbp/drop_rate`` (mean fraction of branches dropped) and
+      ``dropbp/backward_flops_skipped`` (fraction of branch backward FLOPs skipped) to each
+      log. Reporting integrations that run after this callback receive them, and so does
+      ``trainer.state.log_history``.
+    - Its state (rates, sensitivities, mask step) is saved in every checkpoint's
+      ``trainer_state.json``, so ``trainer.train(resume_from_checkpoint=...)`` continues
+      with exactly the masks of an uninterrupted run.
+
+    Args:
+        config: A :class:`dropbp.DropBPConfig`; or pass its fields as keyword arguments,
+            e.g. ``DropBPCallback(drop_rate=0.5, sensitivity_at=0.1, sensitivity_batches=1,
+            max_rate=0.9, seed=0)``.
+
+    Raises:
+        ValueError: On invalid settings (see :class:`dropbp.DropBPConfig`).
+    """
+
+    def __init__(self, config: DropBPConfig | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise ValueError("pass either config= or DropBPConfig fields as keyword arguments, not both")
+        self.config = config if config is not None else DropBPConfig(**kwargs)
+        self.handle: DropBPHandle | None = None
+        self._owns_handle = False
+        self._measured = False
+        self._recent: deque = deque(maxlen=self.config.sensitivity_batches)
+        self._recorder = None
+
+    # ExportableState: what the Trainer writes into each checkpoint's trainer_state.json.
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": self.config.to_dict(),
+            "attributes": {
+                "handle_state": None if self.handle is None else self.handle.state_dict(),
+                "measured": self._measured,
+            },
+        }
+
+    def _saved_state(self, state) -> dict[str, Any]:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) or {}
+        if isinstance(saved, list):  # several callbacks of this class: the first is ours
+            saved = saved[0] if saved else {}
+        return saved.get("attributes") or {}
+
+    def _record_batch(self, module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._recent.append((args, kwargs))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("DropBPCallback needs the Trainer's model; none was passed to on_train_begin")
+        handle = find_handle(model)
+        if handle is None:
+            cfg = self.config
+            handle = apply(model, drop_rate=cfg.drop_rate, seed=cfg.seed, branches=cfg.branches, auto_step=True)
+            self._owns_handle = True
+        self.handle = handle
+        saved = self._saved_state(state)
+        if state.global_step > 0 and saved.get("handle_state"):
+            handle.load_state_dict(saved["handle_state"])
+            self._measured = bool(saved.get("measured"))
+        if self.config.sensitivity_at is not None and not self._measured:
+            self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
+        handle.drop_statistics(reset=True)
+
+    def _sensitivity_step(self, state) -> int:
+        return max(1, math.ceil(self.config.sensitivity_at * state.max_steps))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._measured or self.config.sensitivity_at is None or self.handle is None:
+            return
+        if state.global_step < self._sensitivity_step(state) or not self._recent:
+            return
+        handle = self.handle
+        model = model if model is not None else handle.model
+        total = None
+        for batch_args, batch_kwargs in list(self._recent):
+            values = handle.sensitivity(
+                lambda: _loss_of(model(*batch_args, **batch_kwargs)), metric=self.config.sensitivity_metric
+            )
+            total = values if total is None else [a + b for a, b in zip(total, values)]
+        averaged = [v / len(self._recent) for v in total]
+        handle.allocate(self.config.drop_rate, averaged, max_rate=self.config.max_rate, method=self.config.allocation)
+        self._measured = True
+        self._recent.clear()
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.handle is None or logs is None or "loss" not in logs:
+            return
+        stats = self.handle.drop_statistics(reset=True)
+        extra = {
+            "dropbp/drop_rate": stats["drop_rate"],
+            "dropbp/backward_flops_skipped": stats["backward_flops_skipped"],
+        }
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None

@@ -1,0 +1,145 @@
+"""DropBPCallback inside a real transformers Trainer and a real TRL SFTTrainer."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+import dropbp
+from dropbp import DropBPCallback
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n=32, length=12, vocab=64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def training_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+class MaskLog:
+    """Records the mask of every step the handle samples (sensitivity forwards sample none)."""
+
+    def __init__(self, model):
+        self.masks = []
+        self.seen = None
+        model.register_forward_hook(self.record)
+
+    def record(self, module, args, output):
+        handle = dropbp.find_handle(module)
+        if handle.step_count != self.seen:
+            self.seen = handle.step_count
+            self.masks.append(handle.mask)
+
+
+def test_trainer_applies_measures_allocates_and_logs(tmp_path):
+    model = tiny_llama()
+    masks = MaskLog(model)
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_batches=2)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(), callbacks=[callback])
+    trainer.train()
+    handle = dropbp.find_handle(model)
+    assert handle is callback.handle
+    # gradient accumulation: one mask per micro-batch
+    assert handle.step_count == 6 * 2 == len(masks.masks)
+    assert handle.sensitivities is not None and len(handle.sensitivities) == 6
+    assert handle.drop_rates != [0.5] * 6
+    assert handle.dropped_flops_fraction() == pytest.approx(0.5)
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 6
+    assert all(0.0 <= e["dropbp/drop_rate"] < 1.0 for e in logged)
+    assert all(0.0 <= e["dropbp/backward_flops_skipped"] < 1.0 for e in logged)
+    mean = sum(e["dropbp/backward_flops_skipped"] for e in logged) / len(logged)
+    assert 0.2 < mean < 0.8
+
+
+def test_uniform_rates_and_existing_handle(tmp_path):
+    model = tiny_llama()
+    handle = dropbp.apply(model, drop_rate=0.3, seed=4)
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=None)
+    Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=TokenData(),
+            callbacks=[callback]).train()
+    assert callback.handle is handle and handle.drop_rates == [0.3] * 6 and handle.sensitivities is None
+
+
+@pytest.mark.parametrize("sensitivity_at", [0.5, 0.7])
+def test_resume_continues_the_same_masks(tmp_path, sensitivity_at):
+    """Uninterrupted 6 steps vs 3 steps + resume: identical masks and rates (measured before or after the cut)."""
+
+    def run(output, max_steps, resume=None, save=False):
+        model = tiny_llama()
+        masks = MaskLog(model)
+        callback = DropBPCallback(drop_rate=0.5, sensitivity_at=sensitivity_at)
+        extra = dict(save_strategy="steps", save_steps=3) if save else {}
+        args = training_args(output, max_steps=6, **extra)
+        trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
+        if max_steps < 6:  # stop early, as a crash would, after the step-3 checkpoint
+            trainer.add_callback(_StopAt(max_steps))
+        trainer.train(resume_from_checkpoint=resume)
+        return masks.masks, callback.handle
+
+    full_masks, full_handle = run(tmp_path / "full", 6)
+    first_masks, _ = run(tmp_path / "cut", 3, save=True)
+    resumed_masks, resumed_handle = run(tmp_path / "cut", 6, resume=str(tmp_path / "cut" / "checkpoint-3"))
+    assert first_masks + resumed_masks == full_masks
+    assert resumed_handle.drop_rates == pytest.approx(full_handle.drop_rates, rel=1e-6)
+    assert resumed_handle.step_count == full_handle.step_count
+
+
+class _StopAt(dropbp.DropBPCallback.__mro__[1]):  # a plain TrainerCallback
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_sft_trainer(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = byte_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=256)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "completion": [{"role": "assistant", "content": str(2 * i)}]} for i in range(16)]
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                       save_strategy="no", report_to="none", use_cpu=True, max_length=64, disable_tqdm=True)
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.25)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    assert all(s > 0 for s in callback.handle.sensitivities)
+    # Rates were allocated at the measured batch's length; attention FLOPs shift with the length.
+    assert callback.handle.dropped_flops_fraction() == pytest.approx(0.5, abs=0.02)
+    assert any("dropbp/drop_rate" in e for e in trainer.state.log_history)
+
+
+def test_bad_callback_settings():
+    with pytest.raises(ValueError, match="drop_rate"):
+        DropBPCallback(drop_rate=1.2)
+    with pytest.raises(ValueError, match="not both"):
+        DropBPCallback(dropbp.DropBPConfig(), seed=1)
+
+
+def test_import_dropbp_does_not_import_transformers():
+    code = "import sys, dropbp; assert 'transformers' not in sys.modules, 'transformers imported'; dropbp.apply"
+    subprocess.run([sys.executable, "-c", code], check=True)
