@@ -76,6 +76,12 @@ class DropBPConfig:
         if isinstance(self.branches, str):
             self.branches = [self.branches]
 
+    def sensitivity_step(self, max_steps: int) -> int | None:
+        """The optimizer step after which sensitivity is measured (None: never)."""
+        if self.sensitivity_at is None:
+            return None
+        return max(1, math.ceil(self.sensitivity_at * max_steps))
+
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-serialisable dict."""
         return asdict(self)

@@ -322,6 +322,37 @@ class DropBPHandle:
         self.sensitivities = result
         return list(result)
 
+    def calibrate(
+        self,
+        closures: Sequence[Callable[[], torch.Tensor]],
+        target: float,
+        max_rate: float = 0.9,
+        allocation: Literal["exact", "greedy"] = "exact",
+        metric: Metric = "grad_diff",
+    ) -> list[float]:
+        """Measure sensitivity averaged over several batches, then allocate rates for ``target``.
+
+        Args:
+            closures: One loss closure per batch (see :meth:`sensitivity`).
+            target: Fraction of branch FLOPs whose backward is dropped on average.
+            max_rate: Upper bound on any one rate.
+            allocation: ``"exact"`` or ``"greedy"``.
+            metric: Sensitivity metric.
+
+        Returns:
+            The new per-branch rates.
+
+        Raises:
+            ValueError: If ``closures`` is empty, or as :meth:`sensitivity` and :meth:`allocate`.
+        """
+        if not closures:
+            raise ValueError("calibrate needs at least one batch closure")
+        total = [0.0] * len(self.branches)
+        for closure in closures:
+            total = [a + b for a, b in zip(total, self.sensitivity(closure, metric=metric))]
+        averaged = [v / len(closures) for v in total]
+        return self.allocate(target, averaged, max_rate=max_rate, method=allocation)
+
     # ------------------------------------------------------------- allocation
     def _known_flops(self) -> list[int]:
         missing = [b.name for b in self.branches if b.flops is None]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Any
 
@@ -100,24 +99,17 @@ class DropBPCallback(TrainerCallback, ExportableState):
             self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
         handle.drop_statistics(reset=True)
 
-    def _sensitivity_step(self, state) -> int:
-        return max(1, math.ceil(self.config.sensitivity_at * state.max_steps))
-
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._measured or self.config.sensitivity_at is None or self.handle is None:
             return
-        if state.global_step < self._sensitivity_step(state) or not self._recent:
+        if state.global_step < self.config.sensitivity_step(state.max_steps) or not self._recent:
             return
-        handle = self.handle
-        model = model if model is not None else handle.model
-        total = None
-        for batch_args, batch_kwargs in list(self._recent):
-            values = handle.sensitivity(
-                lambda: _loss_of(model(*batch_args, **batch_kwargs)), metric=self.config.sensitivity_metric
-            )
-            total = values if total is None else [a + b for a, b in zip(total, values)]
-        averaged = [v / len(self._recent) for v in total]
-        handle.allocate(self.config.drop_rate, averaged, max_rate=self.config.max_rate, method=self.config.allocation)
+        model = model if model is not None else self.handle.model
+        cfg = self.config
+        closures = [
+            (lambda a=batch_args, k=batch_kwargs: _loss_of(model(*a, **k))) for batch_args, batch_kwargs in self._recent
+        ]
+        self.handle.calibrate(closures, cfg.drop_rate, cfg.max_rate, cfg.allocation, cfg.sensitivity_metric)
         self._measured = True
         self._recent.clear()
         if self._recorder is not None:

