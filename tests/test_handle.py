@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_llama
 
 import dropbp
+from dropbp.memory import ActivationMeter
 from dropbp.reference import detach_branches
 
 
@@ -159,16 +160,9 @@ def test_module_tree_keys_signature_and_remove(tmp_path, batch):
 
 def test_dropped_branches_save_no_activations(batch):
     def saved_bytes(model):
-        storages = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with ActivationMeter(model.parameters()) as meter:
             model(batch, labels=batch).loss.backward()
-        return sum(storages.values())
+        return meter.bytes
 
     model = tiny_llama(layers=4)
     model.train()

@@ -14,6 +14,7 @@ __all__ = [
     "ModelError",
     "bundled_model_folder",
     "load_model",
+    "max_positions",
     "prepare_for_training",
 ]
 
@@ -58,6 +59,23 @@ def _locate(model: str | Path | None) -> tuple[Path, str | None]:
     if ggufs:
         return path, ggufs[0]
     raise ModelError(f"{str(path)!r} holds neither config.json nor a .gguf file; it is not a model folder")
+
+
+def max_positions(model: str | Path | None = None) -> int | None:
+    """The longest sequence the model's config allows, read without loading weights.
+
+    Raises:
+        ModelError: If the folder is missing or is not a model.
+    """
+    from transformers import AutoConfig
+
+    folder, gguf = _locate(model)
+    extra = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    try:
+        config = AutoConfig.from_pretrained(folder, **extra)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"cannot read the model config in {str(folder)!r}: {str(error).strip()[:200]}") from None
+    return getattr(config, "max_position_embeddings", None)
 
 
 def load_model(

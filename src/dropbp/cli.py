@@ -1,0 +1,147 @@
+"""The ``dropbp`` command: ``finetune`` (the main job), ``compare`` and ``sensitivity``.
+
+Options are generated from the fields of :class:`dropbp.finetune.FinetuneConfig` and
+:class:`dropbp.DropBPConfig`, so the CLI, the Python API and the Trainer callback share
+one set of names, defaults and help texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from dropbp.config import DropBPConfig
+from dropbp.finetune import FinetuneConfig
+
+# DropBPConfig fields offered on the command line (the rest are Python-only).
+_DROPBP_OPTIONS = ("drop_rate", "max_rate", "sensitivity_at", "sensitivity_batches", "allocation")
+# FinetuneConfig fields that are not plain options.
+_SPECIAL = {"dropbp", "use_dropbp", "overwrite"}
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    hint = typing.get_type_hints(FinetuneConfig if f.name in _FINETUNE_FIELDS else DropBPConfig)[f.name]
+    help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
+    kwargs: dict[str, Any] = {"default": default, "help": help_text, "dest": f.name}
+    if typing.get_origin(hint) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(hint))
+    elif f.name == "sensitivity_at":
+        kwargs["type"] = _optional_float
+        kwargs["metavar"] = "FRACTION|none"
+    elif hint in (int, float):
+        kwargs["type"] = hint
+    elif int in typing.get_args(hint):
+        kwargs["type"] = int
+    parser.add_argument(flag, **kwargs)
+
+
+_FINETUNE_FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _add_run_options(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
+    run_defaults = FinetuneConfig()
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in _SPECIAL or (fields is not None and f.name not in fields):
+            continue
+        _add_field(parser, f, getattr(run_defaults, f.name))
+    drop_defaults = DropBPConfig()
+    for f in dataclasses.fields(DropBPConfig):
+        if f.name in _DROPBP_OPTIONS and (fields is None or f.name in fields):
+            _add_field(parser, f, getattr(drop_defaults, f.name))
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dropbp`` command."""
+    parser = argparse.ArgumentParser(
+        prog="dropbp", description="DropBP: fine-tune faster by skipping the backward of random residual branches."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    finetune = commands.add_parser(
+        "finetune", help="Fine-tune (LoRA by default) the bundled or a local model; the main job."
+    )
+    _add_run_options(finetune)
+    finetune.add_argument("--no-dropbp", action="store_true", help="Run the plain baseline without DropBP.")
+    compare = commands.add_parser("compare", help="Run the baseline and DropBP side by side and print a table.")
+    _add_run_options(compare)
+    sensitivity = commands.add_parser("sensitivity", help="Print and plot each branch's sensitivity and rate.")
+    _add_run_options(
+        sensitivity,
+        fields=("model", "data", "method", "seq_len", "batch_size", "seed", "output_dir", "drop_rate", "max_rate",
+                "allocation"),
+    )
+    return parser
+
+
+def _configs(args: argparse.Namespace) -> FinetuneConfig:
+    values = vars(args)
+    drop = {name: values[name] for name in _DROPBP_OPTIONS if name in values}
+    dropbp_config = DropBPConfig(seed=values.get("seed", 0), **drop)
+    run = {name: values[name] for name in _FINETUNE_FIELDS - _SPECIAL if name in values}
+    return FinetuneConfig(**run, overwrite=values["overwrite"], use_dropbp=not values.get("no_dropbp", False),
+                          dropbp=dropbp_config)
+
+
+def _finetune(cfg: FinetuneConfig) -> None:
+    from dropbp.finetune import run_finetune
+
+    result = run_finetune(cfg)
+    s = result.summary
+    print(f"held-out accuracy {s['before']['accuracy']:.3f} -> {s['after']['accuracy']:.3f}, "
+          f"held-out loss {s['before']['heldout_loss']:.3f} -> {s['after']['heldout_loss']:.3f}")
+    print(f"median step {s['median_step_time_s']:.2f}s, {s['tokens_per_s']:.0f} tokens/s, "
+          f"backward FLOPs skipped {s['mean_backward_flops_skipped']:.2f}")
+    print(f"run folder: {result.output_dir}")
+
+
+def _compare(cfg: FinetuneConfig) -> None:
+    from dropbp.finetune import format_table, run_compare
+
+    result = run_compare(cfg)
+    print(format_table(result["rows"]))
+    print(f"step-time speed-up: {result['speedup_step_time']:.2f}x")
+
+
+def _sensitivity(cfg: FinetuneConfig) -> None:
+    from dropbp.finetune import run_sensitivity
+
+    rows, folder = run_sensitivity(cfg)
+    width = max(len(r["branch"]) for r in rows)
+    print(f"{'branch':<{width}}  {'sensitivity':>12}  {'flops':>12}  {'rate':>5}")
+    for r in rows:
+        print(f"{r['branch']:<{width}}  {r['sensitivity']:>12.4g}  {r['flops']:>12.4g}  {r['drop_rate']:>5.3f}")
+    print(f"run folder: {folder}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dropbp`` command.
+
+    Returns:
+        The exit status: 0 on success, 2 on bad input (one line on stderr, no traceback).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = _configs(args)
+        {"finetune": _finetune, "compare": _compare, "sensitivity": _sensitivity}[args.command](cfg)
+    except (ValueError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"dropbp {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dropbp {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""PNG plots of runs and sensitivities (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_losses", "plot_sensitivity"]
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(histories: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
+    """Training loss against step (left) and against wall-clock seconds (right).
+
+    Args:
+        histories: Run name -> per-step records with ``step``, ``wall_time_s`` and ``loss``.
+        path: PNG file to write (atomically).
+    """
+    plt = _figure()
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in histories.items():
+        losses = _smooth([r["loss"] for r in history])
+        by_step.plot([r["step"] for r in history], losses, label=name)
+        by_time.plot([r["wall_time_s"] for r in history], losses, label=name)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("wall-clock time (s)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("training loss (5-step mean)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_sensitivity(names: Sequence[str], sensitivity: Sequence[float], rates: Sequence[float], path: str | Path) -> None:
+    """Bar chart of each branch's sensitivity (top) and allocated drop rate (bottom).
+
+    Args:
+        names: Branch names in execution order.
+        sensitivity: Per-branch sensitivity.
+        rates: Per-branch allocated drop rate.
+        path: PNG file to write (atomically).
+    """
+    plt = _figure()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(names)), 6), sharex=True)
+    positions = range(len(names))
+    colors = ["tab:blue" if "attn" in n or "attention" in n else "tab:orange" for n in names]
+    top.bar(positions, sensitivity, color=colors)
+    top.set_ylabel("sensitivity ||G - G_-l||^2")
+    top.set_yscale("log" if min(sensitivity) > 0 else "linear")
+    bottom.bar(positions, rates, color=colors)
+    bottom.set_ylabel("allocated drop rate")
+    bottom.set_xticks(list(positions), [n.split("layers.")[-1] for n in names], rotation=90, fontsize=6)
+    top.set_title("blue: attention, orange: MLP")
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,120 @@
+"""The dropbp command on a tiny model folder saved to a temp dir (no downloads)."""
+
+import json
+
+import pytest
+from conftest import byte_tokenizer, tiny_llama
+
+from dropbp.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = byte_tokenizer()
+    model = tiny_llama(layers=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=256)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def args(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4",
+            "--seq-len", "160", "--eval-size", "4", "--sensitivity-at", "0.5", *extra]
+
+
+def test_finetune_writes_the_run_folder(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", *args(model_dir, out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "summary.json", "adapter", "loss.png"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[1].get("calibrated") is True
+    assert all(r["activation_bytes"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sensitivities"] is not None and 0 <= summary["after"]["accuracy"] <= 1
+    assert json.loads((out / "config.json").read_text())["dropbp"]["drop_rate"] == 0.5
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "run folder" in capsys.readouterr().out
+
+
+def test_baseline_and_full_method(model_dir, tmp_path):
+    out = tmp_path / "base"
+    assert main(["finetune", *args(model_dir, out, "--no-dropbp", "--method", "full")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mean_drop_rate"] == 0 and summary["drop_rates"] is None
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_compare_prints_a_table_and_plots(model_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *args(model_dir, out)]) == 0
+    printed = capsys.readouterr().out
+    for row in ("median_step_time_s", "tokens_per_s", "backward_flops_skipped", "activation_mb",
+                "final_train_loss", "heldout_loss", "accuracy_after", "time_to_baseline_loss_s"):
+        assert row in printed
+    assert {"baseline", "dropbp", "compare.json", "compare.md", "loss_vs_time.png"} <= {p.name for p in out.iterdir()}
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert rows["baseline"]["backward_flops_skipped"] == 0 and rows["dropbp"]["backward_flops_skipped"] > 0
+    assert rows["dropbp"]["activation_mb"] < rows["baseline"]["activation_mb"]
+
+
+def test_sensitivity_command(model_dir, tmp_path, capsys):
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "--model", str(model_dir), "--output-dir", str(out), "--seq-len", "160",
+                 "--batch-size", "4"]) == 0
+    rows = json.loads((out / "sensitivity.json").read_text())
+    assert len(rows) == 4 and all(r["sensitivity"] > 0 for r in rows)
+    assert (out / "sensitivity.png").is_file()
+    assert "model.layers.1.mlp" in capsys.readouterr().out
+
+
+def error_of(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    err = error_of(capsys, ["finetune", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")])
+    assert "does not exist" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_jsonl(model_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    err = error_of(capsys, ["finetune", *args(model_dir, tmp_path / "o", "--data", str(data))])
+    assert "line 2" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_drop_rate_out_of_range(model_dir, tmp_path, capsys):
+    assert "drop_rate" in error_of(capsys, ["finetune", *args(model_dir, tmp_path / "o", "--drop-rate", "1.5")])
+
+
+def test_existing_output_needs_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "--overwrite" in error_of(capsys, ["finetune", *args(model_dir, out)])
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_sequence_length_too_long(model_dir, tmp_path, capsys):
+    err = error_of(capsys, ["finetune", *args(model_dir, tmp_path / "o", "--seq-len", "4096")])
+    assert "exceeds the model's maximum of 256" in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.partial-*"))
+
+
+def test_user_jsonl_is_split_for_heldout(model_dir, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "response": str(i + 1)}) + "\n"
+                            for i in range(20)))
+    out = tmp_path / "mine"
+    assert main(["finetune", *args(model_dir, out, "--data", str(data))]) == 0
+    assert json.loads((out / "summary.json").read_text())["after"]["accuracy"] >= 0
