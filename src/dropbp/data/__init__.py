@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "IGNORE_INDEX",
     "SPLITS",
     "DataError",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+# The longest bundled response is 18 SmolLM2 tokens (a sorted list of five two-digit
+# numbers); a smaller budget would cut correct answers short.
+DEFAULT_MAX_NEW_TOKENS = 20
 SPLITS = ("train", "heldout")
 
 
@@ -266,7 +270,7 @@ def generate_answers(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
-    max_new_tokens: int = 16,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy answers (``do_sample=False``) to ``prompts``, decoded from the new tokens only.
@@ -314,7 +318,7 @@ def exact_match_accuracy(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Mapping[str, Any]],
-    max_new_tokens: int = 16,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
 ) -> float:
     """Fraction of ``examples`` whose greedy answer matches ``response`` (:func:`is_exact_match`).
@@ -366,13 +370,9 @@ def heldout_loss(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                 ).logits
                 targets = batch["labels"][:, 1:].to(device)
-                total += F.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                ).item()
-                count += int((targets != IGNORE_INDEX).sum())
+                keep = targets != IGNORE_INDEX  # score only the response positions
+                total += F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum").item()
+                count += int(keep.sum())
     finally:
         model.train(was_training)
     return total / count
