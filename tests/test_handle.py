@@ -211,6 +211,8 @@ def test_branch_records_and_flops():
     assert handle.dropped_flops_fraction([True, False, True, False]) == pytest.approx(attn / (attn + mlp))
     model(torch.zeros(batch, 2 * seq, dtype=torch.long))
     assert handle.flops[1] == 2 * mlp  # recounted at the new shape
+    model(torch.zeros(batch, seq, dtype=torch.long))
+    assert handle.flops == [attn, mlp, attn, mlp]  # a shape seen before comes from the cache
 
 
 def test_sensitivity_leaves_grads_masks_and_rng_alone(llama, batch):

@@ -23,6 +23,8 @@ from dropbp.validation import check_mask, check_nonnegative, check_rate, check_r
 __all__ = ["DropBPHandle", "apply", "find_handle"]
 
 _STATE_VERSION = 1
+# Padded lengths vary per batch; a few hundred shapes cover any realistic run.
+_MAX_CACHED_SHAPES = 512
 
 # Root module -> its handle; weak so a deleted model does not stay alive through us.
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, DropBPHandle]" = weakref.WeakKeyDictionary()
@@ -109,7 +111,9 @@ class DropBPHandle:
     def _pre_hook(self, branch: Branch, module: nn.Module, args: tuple, kwargs: dict) -> None:
         key = hooks.shape_key(args, kwargs)
         counter = None
-        if key != branch._shape_key:
+        if key in branch._flops_by_shape:
+            branch.flops = branch._flops_by_shape[key]
+        else:  # counting runs the forward under a Python dispatch mode: do it once per shape
             counter = flop_counter()
             counter.__enter__()
         grad = torch.is_grad_enabled()
@@ -127,7 +131,9 @@ class DropBPHandle:
             frame.counter.__exit__(None, None, None)
             if output is not None:
                 branch.flops = int(frame.counter.get_total_flops())
-                branch._shape_key = frame.key
+                if len(branch._flops_by_shape) >= _MAX_CACHED_SHAPES:
+                    branch._flops_by_shape.pop(next(iter(branch._flops_by_shape)))
+                branch._flops_by_shape[frame.key] = branch.flops
         if output is None:  # the forward raised; always_call only restores state
             return None
         if self._capture is not None and not frame.dropped:

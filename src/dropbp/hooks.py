@@ -43,7 +43,7 @@ class Branch:
     modules: tuple[nn.Module, ...] = ()
     flops: int | None = None
     _drop_rate: float = 0.0
-    _shape_key: tuple | None = field(default=None, repr=False)
+    _flops_by_shape: dict[tuple, int] = field(default_factory=dict, repr=False)
     _frames: list = field(default_factory=list, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
 
