@@ -1,0 +1,70 @@
+"""Model loading: local folders, errors, and the bundled SmolLM2 (slow)."""
+
+import math
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_llama
+
+import dropbp
+from dropbp.models import ModelError, bundled_model_folder, load_model, max_positions, prepare_for_training
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = byte_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=200).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_local_folder_loads_with_pad_token(model_dir):
+    model, tokenizer = load_model(model_dir)
+    assert model.config.model_type == "llama" and tokenizer.pad_token is not None
+    assert max_positions(model_dir) == 200
+
+
+def test_missing_and_non_model_folders(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(ModelError, match="neither config.json nor a .gguf"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("method, trainable", [("full", "all"), ("lora", "lora_")])
+def test_prepare_for_training(model_dir, method, trainable):
+    model, _ = load_model(model_dir)
+    model = prepare_for_training(model, method)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trainable == "all":
+        assert len(names) == len(list(model.parameters()))
+    else:
+        assert names and all("lora_" in n for n in names)
+    with pytest.raises(ValueError, match="method"):
+        prepare_for_training(model, "prefix")
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_trains_two_dropbp_steps():
+    assert (bundled_model_folder() / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+    model, tokenizer = load_model()
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    model = prepare_for_training(model, "lora")
+    handle = dropbp.apply(model, drop_rate=0.5, seed=0)
+    assert len(handle.branches) == 60
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "labels": ids["input_ids"]}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for _ in range(2):
+        loss = model(**batch).loss
+        loss.backward()
+        for branch, dropped in zip(handle.branches, handle.mask):
+            lora = [p for n, p in branch.module.named_parameters() if "lora_" in n]
+            assert lora and all((p.grad is None) == dropped for p in lora), branch.name
+        optimizer.step()
+        optimizer.zero_grad()
+        assert math.isfinite(loss.item())
+    assert handle.step_count == 2 and 20 <= sum(handle.mask) <= 40
