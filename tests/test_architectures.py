@@ -139,3 +139,12 @@ def test_unknown_architecture_lists_supported_ones():
 def test_bad_span_sibling():
     with pytest.raises(ValueError, match="no sibling module 'fc9'"):
         resolve_branches(build(CONFIGS["opt"]), ["*.layers.*.fc1..fc9"])
+
+
+def test_readme_table_lists_every_row():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Architectures"): readme.index("## The `dropbp` command")]
+    for model_type in BRANCH_PATTERNS:
+        assert model_type in table, f"README's architecture table misses {model_type}"
