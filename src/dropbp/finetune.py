@@ -231,7 +231,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
                 t0 = time.perf_counter()
                 with ActivationMeter(params) as meter:
                     loss = model(**batch).loss
-                    loss.backward()
+                activation_bytes = meter.held_bytes
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_s = time.perf_counter() - t0
@@ -246,7 +247,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
                     "tokens_per_s": tokens / step_s,
                     "drop_rate": (sum(mask) / len(mask)) if mask else 0.0,
                     "backward_flops_skipped": handle.dropped_flops_fraction(mask) if handle is not None else 0.0,
-                    "activation_bytes": meter.bytes,
+                    "activation_bytes": activation_bytes,
                 }
                 recent.append(batch)
                 if step == calibrate_at:
