@@ -312,3 +312,33 @@ def test_bad_handle_arguments(llama, batch):
         handle.allocate(0.95, [1.0] * 6)
     with pytest.raises(ValueError, match="differ from this model"):
         handle.load_state_dict({**handle.state_dict(), "branches": ["a"]})
+
+
+class SpanBlock(torch.nn.Module):
+    """An MLP that is not one module (like OPT): fc1 -> act -> fc2, with a switchable failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)
+        self.fail = False
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.fail:
+            raise RuntimeError("boom")
+        return (x + self.fc2(h)).sum()
+
+
+def test_an_error_inside_a_span_restores_grad_mode_and_dispatch_modes():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    model = SpanBlock()
+    handle = dropbp.apply(model, branches=["fc1..fc2"], drop_rate=0.0, auto_step=False)
+    handle.set_mask([True])
+    model.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(2, 4))
+    assert torch.is_grad_enabled() and _get_current_dispatch_mode() is None
+    model.fail = False
+    model(torch.randn(2, 4)).backward()
+    assert model.fc1.weight.grad is None and model.fc2.weight.grad is None

@@ -101,12 +101,15 @@ class DropBPHandle:
             self.step()
 
     def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        # A forward that raised between a span's first and last module leaves a frame
-        # behind; restore the grad mode it saved so the error does not leak no-grad.
+        # A forward that raised between a span's first and last module leaves frames
+        # behind: close their FLOP counters and restore the grad mode they saved, so the
+        # error leaks neither a dispatch mode nor no-grad.
         for branch in self.branches:
-            if branch._frames:
-                torch.set_grad_enabled(branch._frames[0].grad_was_enabled)
-                branch._frames.clear()
+            while branch._frames:
+                frame = branch._frames.pop()
+                if frame.counter is not None:
+                    frame.counter.__exit__(None, None, None)
+                torch.set_grad_enabled(frame.grad_was_enabled)
 
     def _pre_hook(self, branch: Branch, module: nn.Module, args: tuple, kwargs: dict) -> None:
         key = hooks.shape_key(args, kwargs)
