@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="decoder layers (SmolLM2-135M has 30)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (>= 5)")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per configuration (>= 5)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--sens-batch", type=int, default=2, help="batch size of the sensitivity closure")
     p.add_argument("--sens-repeats", type=int, default=2, help="timed calls of each sensitivity method")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dropbp
 from dropbp import DropBPCallback
@@ -69,6 +69,25 @@ def test_trainer_applies_measures_allocates_and_logs(tmp_path):
     assert 0.2 < mean < 0.8
 
 
+class Reporter(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): the Trainer runs those before user callbacks."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_reporters_listed_first_receive_the_metrics(tmp_path):
+    reporter = Reporter()
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenData(),
+                      callbacks=[reporter, DropBPCallback(sensitivity_at=None)])
+    trainer.train()
+    logged = [entry for entry in reporter.logs if "loss" in entry]
+    assert len(logged) == 2 and all("dropbp/backward_flops_skipped" in entry for entry in logged)
+
+
 def test_uniform_rates_and_existing_handle(tmp_path):
     model = tiny_llama()
     handle = dropbp.apply(model, drop_rate=0.3, seed=4)
@@ -102,7 +121,7 @@ def test_resume_continues_the_same_masks(tmp_path, sensitivity_at):
     assert resumed_handle.step_count == full_handle.step_count
 
 
-class _StopAt(dropbp.DropBPCallback.__mro__[1]):  # a plain TrainerCallback
+class _StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
 

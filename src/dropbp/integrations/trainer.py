@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 from typing import Any
 
@@ -37,8 +38,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
       averaged over ranks) and allocates per-branch rates for the target ``drop_rate``.
     - It adds ``dropbp/drop_rate`` (mean fraction of branches dropped) and
       ``dropbp/backward_flops_skipped`` (fraction of branch backward FLOPs skipped) to each
-      log. Reporting integrations that run after this callback receive them, and so does
-      ``trainer.state.log_history``.
+      log, ahead of the reporting integrations (TensorBoard, W&B, ...) and of
+      ``trainer.state.log_history``: at train begin it moves itself to the front of the
+      Trainer's callback list.
     - Its state (rates, sensitivities, mask step) is saved in every checkpoint's
       ``trainer_state.json``, so ``trainer.train(resume_from_checkpoint=...)`` continues
       with exactly the masks of an uninterrupted run.
@@ -82,7 +84,21 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if module.training and torch.is_grad_enabled():
             self._recent.append((args, kwargs))
 
+    def _run_first(self) -> None:
+        """Move this callback to the front of the Trainer's callback list.
+
+        The Trainer puts user callbacks after its reporting integrations, so metrics this
+        callback adds in ``on_log`` would reach TensorBoard or W&B one call too late. The
+        list is found through its reference to us; moving an element from the position
+        being iterated to the front does not disturb the ongoing iteration.
+        """
+        for holder in gc.get_referrers(self):
+            if isinstance(holder, list) and all(isinstance(c, TrainerCallback) for c in holder):
+                holder.remove(self)
+                holder.insert(0, self)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._run_first()
         if model is None:
             raise ValueError("DropBPCallback needs the Trainer's model; none was passed to on_train_begin")
         handle = find_handle(model)
