@@ -52,6 +52,34 @@ def _average_over_ranks(values: list[float], device: torch.device) -> list[float
     return (tensor / dist.get_world_size()).tolist()
 
 
+def _require_find_unused(ddp: nn.Module) -> None:
+    if not getattr(ddp, "find_unused_parameters", True):
+        raise ValueError(
+            "DropBP leaves dropped branches' parameters without gradients, which DistributedDataParallel "
+            "only accepts with find_unused_parameters=True; wrap the model with "
+            "DistributedDataParallel(model, find_unused_parameters=True)"
+        )
+
+
+def _assert_same_on_all_ranks(step: int, mask: list[bool]) -> None:
+    """Debug check: one all_gather of (step, mask) and a comparison (``check_ranks=True``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    local = torch.tensor([step, *mask], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        local = local.cuda()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, local):
+            raise RuntimeError(
+                f"DropBP masks differ between rank {dist.get_rank()} and rank {rank} at step {step}: "
+                "give every rank the same seed, drop rates and step counter"
+            )
+
+
 def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
     start, end = model.get_submodule(spec.start), model.get_submodule(spec.end)
     if start is end:
@@ -73,10 +101,15 @@ class DropBPHandle:
         sensitivities: The last sensitivities measured or loaded, else ``None``.
     """
 
-    def __init__(self, model: nn.Module, specs: list[BranchSpec], seed: int, auto_step: bool, drop_rate: float):
+    def __init__(
+        self, model: nn.Module, specs: list[BranchSpec], seed: int, auto_step: bool, drop_rate: float,
+        check_ranks: bool = False,
+    ):
         self.model = model
         self.seed = int(seed)
         self.auto_step = bool(auto_step)
+        self.check_ranks = bool(check_ranks)
+        self._checked_ddp: set[int] = set()
         self.branches: list[Branch] = [_make_branch(model, spec, i) for i, spec in enumerate(specs)]
         for branch in self.branches:
             branch.drop_rate = drop_rate
@@ -97,8 +130,20 @@ class DropBPHandle:
 
     # ------------------------------------------------------------------ hooks
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if self.auto_step and not self._paused and module.training and torch.is_grad_enabled():
-            self.step()
+        if module.training and torch.is_grad_enabled():
+            self._check_ddp_wrapper()
+            if self.auto_step and not self._paused:
+                self.step()
+
+    def _check_ddp_wrapper(self) -> None:
+        """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+        if active is None or id(active) in self._checked_ddp:
+            return
+        self._checked_ddp.add(id(active))
+        _require_find_unused(active)
 
     def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         # A forward that raised between a span's first and last module leaves frames
@@ -178,6 +223,8 @@ class DropBPHandle:
             The new mask, one bool per branch.
         """
         self._mask = sample_mask(self.seed, self._step, self.drop_rates)
+        if self.check_ranks:
+            _assert_same_on_all_ranks(self._step, self._mask)
         self._step += 1
         self._counted_steps += 1
         for i, dropped in enumerate(self._mask):
@@ -479,6 +526,8 @@ def apply(
     seed: int = 0,
     branches: Sequence[str] | None = None,
     auto_step: bool = True,
+    *,
+    check_ranks: bool = False,
 ) -> DropBPHandle:
     """Attach DropBP to a model.
 
@@ -490,18 +539,27 @@ def apply(
             residual branch modules. ``None`` auto-detects known architectures.
         auto_step: If True, every forward of ``model`` in training mode with grad enabled
             samples the next mask, so a manual loop needs nothing else.
+        check_ranks: Debug option for data-parallel runs: at every step, one all_gather
+            checks that all ranks drew the same mask (they do by construction when seeds,
+            rates and step counters agree).
 
     Returns:
         The :class:`DropBPHandle`; ``handle.remove()`` undoes everything.
 
     Raises:
         ValueError: On a bad rate, patterns that match nothing or nested branches, an
-            unknown architecture without ``branches=``, or a model that already has DropBP.
+            unknown architecture without ``branches=``, a model that already has DropBP, or a
+            ``DistributedDataParallel`` wrapper without ``find_unused_parameters=True`` (also
+            detected at the first training forward when DropBP is applied to the inner model).
     """
     drop_rate = check_rate(drop_rate, "drop_rate")
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        _require_find_unused(model)
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
     specs = resolve_branches(model, branches)
-    handle = DropBPHandle(model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate)
+    handle = DropBPHandle(model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks)
     _HANDLES[model] = handle
     return handle

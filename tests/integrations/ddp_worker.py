@@ -1,0 +1,75 @@
+"""Worker for test_ddp.py, launched by torchrun with 2 gloo processes (not a test module itself).
+
+Modes:
+    train      DropBP with check_ranks=True under DDP(find_unused_parameters=True): after every
+               backward the gradients are all_gathered and compared; sensitivity is measured on
+               each rank's own batch and must come out identical; rank 0 saves the final weights.
+    no-unused  DDP without find_unused_parameters: the first training forward must raise.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_llama  # noqa: E402
+
+import dropbp  # noqa: E402
+
+STEPS, PER_RANK, LENGTH = 4, 2, 12
+
+
+def global_batch(step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 64, (2 * PER_RANK, LENGTH), generator=generator)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["train", "no-unused"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = tiny_llama()
+    model.train()
+    if args.mode == "no-unused":
+        dropbp.apply(model, drop_rate=0.5)
+        ddp = DistributedDataParallel(model)
+        try:
+            ddp(global_batch(0), labels=global_batch(0))
+        except ValueError as error:
+            (args.out / f"error-{rank}.txt").write_text(str(error))
+        dist.destroy_process_group()
+        return
+
+    handle = dropbp.apply(model, drop_rate=0.5, seed=7, check_ranks=True)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(STEPS):
+        local = global_batch(step)[rank * PER_RANK : (rank + 1) * PER_RANK]
+        ddp(local, labels=local).loss.backward()
+        for name, p in model.named_parameters():
+            grad = p.grad if p.grad is not None else torch.full_like(p, float("nan"))
+            gathered = [torch.empty_like(grad) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, grad)
+            assert torch.equal(gathered[0].nan_to_num(7.0), gathered[1].nan_to_num(7.0)), f"{name} differs"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    local = global_batch(99)[rank * PER_RANK : (rank + 1) * PER_RANK]
+    rates = handle.calibrate([lambda: model(local, labels=local).loss], target=0.5)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rates)
+    assert gathered[0] == gathered[1], "allocated rates differ between ranks"
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "rates": rates, "masks_seen": handle.step_count},
+                   args.out / "ddp.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
