@@ -57,7 +57,8 @@ def _require_find_unused(ddp: nn.Module) -> None:
         raise ValueError(
             "DropBP leaves dropped branches' parameters without gradients, which DistributedDataParallel "
             "only accepts with find_unused_parameters=True; wrap the model with "
-            "DistributedDataParallel(model, find_unused_parameters=True)"
+            "DistributedDataParallel(model, find_unused_parameters=True) (HF Trainer: "
+            "TrainingArguments(ddp_find_unused_parameters=True))"
         )
 
 
