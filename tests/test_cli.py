@@ -118,3 +118,10 @@ def test_user_jsonl_is_split_for_heldout(model_dir, tmp_path):
     out = tmp_path / "mine"
     assert main(["finetune", *args(model_dir, out, "--data", str(data))]) == 0
     assert json.loads((out / "summary.json").read_text())["after"]["accuracy"] >= 0
+
+
+def test_fewer_examples_than_a_batch(model_dir, tmp_path, capsys):
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)))
+    err = error_of(capsys, ["finetune", *args(model_dir, tmp_path / "o", "--data", str(data), "--eval-data", str(data))])
+    assert "only 3 training examples for --batch-size 4" in err

@@ -199,6 +199,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
 
     final = prepare_output_dir(cfg.output_dir, command, cfg.overwrite)
     train, heldout = _load_data(cfg)
+    if len(train) < cfg.batch_size:
+        raise ValueError(
+            f"only {len(train)} training examples for --batch-size {cfg.batch_size}; lower --batch-size or add examples"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
