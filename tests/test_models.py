@@ -50,6 +50,8 @@ def test_bundled_smollm2_trains_two_dropbp_steps():
     assert (bundled_model_folder() / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
     model, tokenizer = load_model()
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    # dequantized on load: plain fp32 weights that the HF Trainer accepts
+    assert getattr(model, "hf_quantizer", None) is None and model.dtype == torch.float32
     model = prepare_for_training(model, "lora")
     handle = dropbp.apply(model, drop_rate=0.5, seed=0)
     assert len(handle.branches) == 60

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -280,12 +281,6 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     return RunResult(output_dir=str(final), history=history, summary=summary)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-
-
 def _summarize(history, before, after, train_s, calibration_s, handle) -> dict[str, Any]:
     timed = history[1:] if len(history) > 1 else history  # the first step warms up
     tail = history[-min(10, len(history)):]
@@ -294,7 +289,7 @@ def _summarize(history, before, after, train_s, calibration_s, handle) -> dict[s
         "after": after,
         "train_time_s": train_s,
         "calibration_time_s": calibration_s,
-        "median_step_time_s": _median([r["step_time_s"] for r in timed]),
+        "median_step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
         "mean_drop_rate": sum(r["drop_rate"] for r in history) / len(history),
         "mean_backward_flops_skipped": sum(r["backward_flops_skipped"] for r in history) / len(history),

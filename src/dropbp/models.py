@@ -112,6 +112,11 @@ def load_model(
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"cannot load model from {str(folder)!r}: {first}") from None
+    quantizer = getattr(network, "hf_quantizer", None)
+    if gguf is not None and not four_bit and quantizer is not None:
+        # GGUF weights were dequantized to fp32 on load, yet transformers still marks the model
+        # as GGUF-quantized, and the Trainer refuses to train such a model.
+        quantizer.remove_quantization_config(network)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return network, tokenizer

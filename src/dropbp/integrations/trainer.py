@@ -59,7 +59,6 @@ class DropBPCallback(TrainerCallback, ExportableState):
             raise ValueError("pass either config= or DropBPConfig fields as keyword arguments, not both")
         self.config = config if config is not None else DropBPConfig(**kwargs)
         self.handle: DropBPHandle | None = None
-        self._owns_handle = False
         self._measured = False
         self._recent: deque = deque(maxlen=self.config.sensitivity_batches)
         self._recorder = None
@@ -105,7 +104,6 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if handle is None:
             cfg = self.config
             handle = apply(model, drop_rate=cfg.drop_rate, seed=cfg.seed, branches=cfg.branches, auto_step=True)
-            self._owns_handle = True
         self.handle = handle
         saved = self._saved_state(state)
         if state.global_step > 0 and saved.get("handle_state"):
