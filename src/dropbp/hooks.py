@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dropbp.validation import check_rate
 
-__all__ = ["Branch", "first_tensor", "shape_key"]
+__all__ = ["Branch", "first_input", "first_tensor", "register", "replace_first_tensor", "shape_key", "unregister"]
 
 
 @dataclass(eq=False)
