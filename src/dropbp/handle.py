@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
@@ -138,8 +139,6 @@ class DropBPHandle:
 
     def _check_ddp_wrapper(self) -> None:
         """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""
-        from torch.nn.parallel import DistributedDataParallel
-
         active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
         if active is None or id(active) in self._checked_ddp:
             return
@@ -554,8 +553,6 @@ def apply(
             detected at the first training forward when DropBP is applied to the inner model).
     """
     drop_rate = check_rate(drop_rate, "drop_rate")
-    from torch.nn.parallel import DistributedDataParallel
-
     if isinstance(model, DistributedDataParallel):
         _require_find_unused(model)
     if find_handle(model) is not None:
