@@ -162,6 +162,35 @@ def _batches(examples: list[dict], batch_size: int, seed: int):
         epoch += 1
 
 
+def _prepare_run(
+    cfg: FinetuneConfig, command: str, need_full_batch: bool
+) -> tuple[Path, list[dict], list[dict], Any, Any]:
+    """Checks and loading shared by every job: cheap checks first, the model last.
+
+    Args:
+        cfg: The run settings.
+        command: Prefix of the default output folder name.
+        need_full_batch: Refuse fewer training examples than ``cfg.batch_size``.
+
+    Returns:
+        The final run folder, training and held-out examples, the model ready to train, its tokenizer.
+    """
+    from dropbp.models import load_model, prepare_for_training
+
+    final = prepare_output_dir(cfg.output_dir, command, cfg.overwrite)
+    train, heldout = _load_data(cfg)
+    if need_full_batch and len(train) < cfg.batch_size:
+        raise ValueError(
+            f"only {len(train)} training examples for --batch-size {cfg.batch_size}; lower --batch-size or add examples"
+        )
+    _check_seq_len(cfg.model, cfg.seq_len)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, cfg.method)
+    return final, train, heldout, prepare_for_training(model, cfg.method), tokenizer
+
+
 def _evaluate(model, tokenizer, heldout: list[dict], seq_len: int, batch_size: int) -> dict[str, float]:
     from dropbp.data import exact_match_accuracy, heldout_loss
 
@@ -195,22 +224,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     import dropbp
     from dropbp.data import collate, tokenize_example
     from dropbp.memory import ActivationMeter
-    from dropbp.models import load_model, prepare_for_training
     from dropbp.plots import plot_losses
 
-    final = prepare_output_dir(cfg.output_dir, command, cfg.overwrite)
-    train, heldout = _load_data(cfg)
-    if len(train) < cfg.batch_size:
-        raise ValueError(
-            f"only {len(train)} training examples for --batch-size {cfg.batch_size}; lower --batch-size or add examples"
-        )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    _check_seq_len(cfg.model, cfg.seq_len)
-    model, tokenizer = load_model(cfg.model, cfg.method)
+    final, train, heldout, model, tokenizer = _prepare_run(cfg, command, need_full_batch=True)
     tokenized = [tokenize_example(tokenizer, ex["prompt"], ex["response"], cfg.seq_len) for ex in train]
-    model = prepare_for_training(model, cfg.method)
     handle = None
     if cfg.use_dropbp:
         d = cfg.dropbp
@@ -384,15 +401,9 @@ def run_sensitivity(cfg: FinetuneConfig) -> tuple[list[dict[str, Any]], str]:
     """
     import dropbp
     from dropbp.data import collate, tokenize_example
-    from dropbp.models import load_model, prepare_for_training
     from dropbp.plots import plot_sensitivity
 
-    final = prepare_output_dir(cfg.output_dir, "sensitivity", cfg.overwrite)
-    train, _ = _load_data(cfg)
-    torch.manual_seed(cfg.seed)
-    _check_seq_len(cfg.model, cfg.seq_len)
-    model, tokenizer = load_model(cfg.model, cfg.method)
-    model = prepare_for_training(model, cfg.method)
+    final, train, _, model, tokenizer = _prepare_run(cfg, "sensitivity", need_full_batch=False)
     d = cfg.dropbp
     handle = dropbp.apply(model, drop_rate=0.0, seed=d.seed, branches=d.branches)
     examples = next(_batches(train, cfg.batch_size, cfg.seed)) if len(train) >= cfg.batch_size else train
