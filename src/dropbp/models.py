@@ -132,14 +132,30 @@ def _load_4bit(folder: Path, extra: dict[str, Any]) -> Any:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     if "gguf_file" not in extra:
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, **extra)
+        return _no_cpu_packing(AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, **extra))
     # GGUF weights are dequantized on load and cannot be quantized again in the same call:
     # save them as safetensors in a temporary folder, then load that in 4-bit.
     full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
     with tempfile.TemporaryDirectory(prefix="dropbp-4bit-") as tmp:
         full.save_pretrained(tmp)
         del full
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, local_files_only=True)
+        return _no_cpu_packing(
+            AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, local_files_only=True)
+        )
+
+
+def _no_cpu_packing(network: Any) -> Any:
+    """Keep bitsandbytes' 4-bit layers on the differentiable path on CPUs with AVX512-BF16.
+
+    There, an eval-mode forward without grad (our evaluation before training) repacks each
+    ``Linear4bit`` weight for an inference kernel for good; later training forwards then run
+    that kernel, which has no autograd formula, so gradients silently skip the frozen base
+    weights. (It also fails on layers narrower than the 64-value quantization block.)
+    """
+    for module in network.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return network
 
 
 def prepare_for_training(model: Any, method: Method, lora_rank: int = 16, lora_alpha: int = 32) -> Any:
