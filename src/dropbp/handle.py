@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class _Frame:
     counter: Any
     key: tuple | None
     input_requires_grad: bool
+    rng_before: tuple | None = None  # set when the output is kept for a checkpoint replay
 
 
 def _average_over_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -51,6 +53,23 @@ def _average_over_ranks(values: list[float], device: torch.device) -> list[float
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return (tensor / dist.get_world_size()).tolist()
+
+
+COMPILE_REFUSED = (
+    "DropBP does not support torch.compile for training: a compiled graph fixes which branches build a "
+    "backward, so it would either recompile for every new mask or compute wrong gradients; train the model "
+    "uncompiled (HF Trainer: torch_compile=False), or call handle.remove() before compiling"
+)
+
+
+def _refuse_compile() -> None:
+    """Fail the compilation itself; an exception raised in traced code would only break the graph."""
+    from torch._dynamo.comptime import comptime
+
+    def fail(ctx: Any) -> None:
+        raise RuntimeError(COMPILE_REFUSED)
+
+    comptime(fail)
 
 
 def _require_find_unused(ddp: nn.Module) -> None:
@@ -80,6 +99,17 @@ def _assert_same_on_all_ranks(step: int, mask: list[bool]) -> None:
                 f"DropBP masks differ between rank {dist.get_rank()} and rank {rank} at step {step}: "
                 "give every rank the same seed, drop rates and step counter"
             )
+
+
+def _checkpointing_owners(model: nn.Module, name: str) -> tuple[nn.Module, ...]:
+    """Modules around a branch with a Hugging Face ``gradient_checkpointing`` switch.
+
+    transformers 5 sets it on each decoder layer, older versions on the model body; when
+    one is on, the branch is recomputed in backward.
+    """
+    parts = name.split(".")
+    around = (model.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
+    return tuple(m for m in around if hasattr(m, "gradient_checkpointing"))
 
 
 def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
@@ -113,6 +143,12 @@ class DropBPHandle:
         self.check_ranks = bool(check_ranks)
         self._checked_ddp: set[int] = set()
         self.branches: list[Branch] = [_make_branch(model, spec, i) for i, spec in enumerate(specs)]
+        # Spans (OPT's fc1..fc2) start and end in different modules: one forward cannot be shadowed.
+        self._owners = [
+            _checkpointing_owners(model, spec.start) if spec.start == spec.end else () for spec in specs
+        ]
+        self._replay_dropped = True  # benchmarks switch it off to measure what the replay saves
+        self._training_forward = False
         for branch in self.branches:
             branch.drop_rate = drop_rate
         self.sensitivities: list[float] | None = None
@@ -133,7 +169,12 @@ class DropBPHandle:
     # ------------------------------------------------------------------ hooks
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if module.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                _refuse_compile()
             self._check_ddp_wrapper()
+            self._training_forward = True
+            for branch in self.branches:  # outputs kept for a backward that never came
+                hooks.clear_replay(branch, unblock=True)
             if self.auto_step and not self._paused:
                 self.step()
 
@@ -146,6 +187,7 @@ class DropBPHandle:
         _require_find_unused(active)
 
     def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._training_forward = False
         # A forward that raised between a span's first and last module leaves frames
         # behind: close their FLOP counters and restore the grad mode they saved, so the
         # error leaks neither a dispatch mode nor no-grad.
@@ -157,6 +199,8 @@ class DropBPHandle:
                 torch.set_grad_enabled(frame.grad_was_enabled)
 
     def _pre_hook(self, branch: Branch, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            _refuse_compile()  # a compiled layer inside an eager model
         key = hooks.shape_key(args, kwargs)
         counter = None
         if key in branch._flops_by_shape:
@@ -165,9 +209,14 @@ class DropBPHandle:
             counter = flop_counter()
             counter.__enter__()
         grad = torch.is_grad_enabled()
-        dropped = grad and module.training and self._mask[branch.index]
+        masked = module.training and self._mask[branch.index]
+        dropped = grad and masked
         x = hooks.first_input(args, kwargs)
-        branch._frames.append(_Frame(grad, dropped, counter, key, bool(x is not None and x.requires_grad)))
+        frame = _Frame(grad, dropped, counter, key, bool(x is not None and x.requires_grad))
+        # Under reentrant checkpointing the first pass runs without grad, so keep on `masked`.
+        if masked and x is not None and self._will_recompute(branch):
+            frame.rng_before = hooks.rng_state(x.device)
+        branch._frames.append(frame)
         if dropped:
             torch.set_grad_enabled(False)
 
@@ -184,11 +233,23 @@ class DropBPHandle:
                 branch._flops_by_shape[frame.key] = branch.flops
         if output is None:  # the forward raised; always_call only restores state
             return None
+        if frame.rng_before is not None and (out := hooks.first_tensor(output)) is not None:
+            device = out.device
+            hooks.install_replay(branch, output, frame.rng_before, hooks.rng_state(device), device)
         if self._capture is not None and not frame.dropped:
             self._capture[branch.index] = hooks.first_tensor(output)
         if frame.dropped and branch.index == len(self.branches) - 1 and not frame.input_requires_grad:
             return self._anchored(output)
         return None
+
+    def _will_recompute(self, branch: Branch) -> bool:
+        """Whether gradient checkpointing will run this call again in backward."""
+        return (
+            self._replay_dropped
+            and self._training_forward
+            and any(owner.gradient_checkpointing is True and owner.training for owner in self._owners[branch.index])
+            and not hooks.in_backward()
+        )
 
     def _anchored(self, output: Any) -> Any:
         """Keep the loss differentiable when nothing trainable is left in this step's graph.
@@ -548,11 +609,18 @@ def apply(
 
     Raises:
         ValueError: On a bad rate, patterns that match nothing or nested branches, an
-            unknown architecture without ``branches=``, a model that already has DropBP, or a
+            unknown architecture without ``branches=``, a model that already has DropBP, a
             ``DistributedDataParallel`` wrapper without ``find_unused_parameters=True`` (also
-            detected at the first training forward when DropBP is applied to the inner model).
+            detected at the first training forward when DropBP is applied to the inner model),
+            or a ``torch.compile``-d model.
+        RuntimeError: At the first training forward compiled by ``torch.compile`` (the whole
+            model or any layer holding a branch): DropBP's per-step masks cannot live in a
+            compiled graph. Compiled forwards in eval mode or under ``no_grad`` are fine.
     """
     drop_rate = check_rate(drop_rate, "drop_rate")
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing can be compiled yet
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        raise ValueError(COMPILE_REFUSED)
     if isinstance(model, DistributedDataParallel):
         _require_find_unused(model)
     if find_handle(model) is not None:

@@ -18,7 +18,10 @@ from torch.utils.hooks import RemovableHandle
 
 from dropbp.validation import check_rate
 
-__all__ = ["Branch", "first_input", "first_tensor", "register", "replace_first_tensor", "shape_key", "unregister"]
+__all__ = [
+    "Branch", "Replay", "clear_replay", "first_input", "first_tensor", "in_backward", "install_replay", "register",
+    "replace_first_tensor", "rng_state", "shape_key", "unregister",
+]
 
 
 @dataclass(eq=False)
@@ -46,6 +49,8 @@ class Branch:
     _flops_by_shape: dict[tuple, int] = field(default_factory=dict, repr=False)
     _frames: list = field(default_factory=list, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+    _replay: Replay | None = field(default=None, repr=False)
+    _replay_blocked: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.end_module is None:
@@ -118,6 +123,111 @@ def replace_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
     return type(value)([tensor, *value[1:]]) if isinstance(value, list) else (tensor, *value[1:])
 
 
+# -------------------------------------------------------------- checkpoint replay
+@dataclass
+class Replay:
+    """A dropped branch's first-pass output, kept for the gradient-checkpointing recompute.
+
+    Attributes:
+        output: What the branch returned in the first pass.
+        rng_before: RNG states before that call, or ``None`` if the call drew no random numbers.
+        rng_after: RNG states after that call (``None`` likewise).
+        saved_forward: An instance-level ``forward`` someone else had set, to restore.
+        shadow: The ``forward`` installed in its place.
+    """
+
+    output: Any
+    rng_before: tuple[torch.Tensor, ...] | None
+    rng_after: tuple[torch.Tensor, ...] | None
+    saved_forward: Any = None
+    shadow: Any = None
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward (where checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The generator states a branch on ``device`` can draw from; ``None`` if not tracked."""
+    if device.type == "cpu":
+        return (torch.get_rng_state(),)
+    if device.type == "cuda":
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(device))
+    return None
+
+
+def _set_rng_state(states: tuple[torch.Tensor, ...], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _same_rng(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def install_replay(
+    branch: Branch, output: Any, rng_before: tuple[torch.Tensor, ...], rng_after: tuple[torch.Tensor, ...],
+    device: torch.device,
+) -> None:
+    """Make the branch's next call inside a backward return ``output`` instead of running.
+
+    Gradient checkpointing recomputes a layer's forward in backward. A dropped branch's
+    output is a constant there, so recomputing it is wasted work: it is kept instead (one
+    tensor the size of the branch output until the recompute). A forward pre-hook cannot
+    skip the forward, so the module's ``forward`` is shadowed by an instance attribute
+    until the replay, the next training forward or ``remove()``.
+
+    The replay is exact: if the branch drew random numbers (dropout), the RNG is moved to
+    where the recomputed call would have left it, and only when the recompute starts from
+    the state the first pass started from (checkpointing's ``preserve_rng_state``);
+    otherwise the real forward runs. A branch called twice in one forward is not replayed.
+    """
+    if branch._replay_blocked:
+        return
+    if branch._replay is not None:  # which call a recompute would replay is ambiguous
+        clear_replay(branch)
+        branch._replay_blocked = True
+        return
+    module = branch.module
+    drew = not _same_rng(rng_before, rng_after)
+    replay = Replay(output, rng_before if drew else None, rng_after if drew else None, module.__dict__.get("forward"))
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if branch._replay is not replay or not in_backward():
+            return original(*args, **kwargs)
+        clear_replay(branch)
+        if replay.rng_before is not None:
+            now = rng_state(device)
+            if now is None or not _same_rng(now, replay.rng_before):
+                return original(*args, **kwargs)
+            _set_rng_state(replay.rng_after, device)
+        return replay.output
+
+    forward.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature sees the real one
+    replay.shadow = forward
+    module.forward = forward
+    branch._replay = replay
+
+
+def clear_replay(branch: Branch, unblock: bool = False) -> None:
+    """Drop a kept output and restore the module's own ``forward``."""
+    replay, branch._replay = branch._replay, None
+    if unblock:
+        branch._replay_blocked = False
+    if replay is None:
+        return
+    module = branch.module
+    if module.__dict__.get("forward") is not replay.shadow:  # someone replaced it since: theirs now
+        return
+    if replay.saved_forward is None:
+        del module.__dict__["forward"]
+    else:
+        module.forward = replay.saved_forward
+
+
 def register(
     branch: Branch,
     pre: Callable[[Branch, nn.Module, tuple, dict], None],
@@ -142,3 +252,4 @@ def unregister(branch: Branch) -> None:
         handle.remove()
     branch._handles.clear()
     branch._frames.clear()
+    clear_replay(branch, unblock=True)

@@ -3,8 +3,10 @@
 import pytest
 import torch
 from conftest import tiny_llama
+from peft import LoraConfig, get_peft_model
 
 import dropbp
+from dropbp import hooks
 
 MASK = [True, False, False, True, True, False]
 
@@ -55,3 +57,104 @@ def test_every_branch_dropped_under_checkpointing(batch, reentrant):
         model.enable_input_require_grads()  # what PEFT does for frozen embeddings
     loss, grads, _ = fixed_mask_grads(model, batch, [True] * 6)
     assert torch.isfinite(loss) and all(g is None for g in grads.values())
+
+
+def count_backward_starts(handle):
+    """Per branch, how many times its forward started inside a backward (a checkpoint recompute)."""
+    starts = [0] * len(handle.branches)
+
+    def count(index):
+        def hook(module, args):
+            starts[index] += hooks.in_backward()
+        return hook
+
+    for branch in handle.branches:
+        # A child module: its pre-hook fires only when the branch's own forward really runs.
+        inner = next(iter(branch.module.children()))
+        inner.register_forward_pre_hook(count(branch.index))
+    return starts
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("replay", [True, False])
+def test_dropped_branches_are_not_recomputed_under_checkpointing(batch, reentrant, replay):
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    handle = dropbp.apply(model, auto_step=False)
+    handle._replay_dropped = replay
+    handle.set_mask(MASK)
+    starts = count_backward_starts(handle)
+    model.train()
+    model(batch, labels=batch).loss.backward()
+    recomputed_dropped = [s for s, dropped in zip(starts, MASK) if dropped]
+    if replay:
+        assert recomputed_dropped == [0, 0, 0]
+    else:  # the switch the benchmark uses: without the replay, dropped attention is recomputed
+        assert sum(recomputed_dropped) >= 2
+    if reentrant:  # a reentrant recompute re-runs every kept branch
+        assert all(s == 1 for s, dropped in zip(starts, MASK) if not dropped)
+    # Nothing is left shadowed once the next training forward or remove() runs.
+    handle.set_mask([False] * len(MASK))
+    model(batch, labels=batch)
+    assert not any("forward" in b.module.__dict__ for b in handle.branches)
+    handle.set_mask(MASK)
+    model(batch, labels=batch)
+    handle.remove()
+    assert not any("forward" in b.module.__dict__ for b in handle.branches)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_replay_keeps_dropout_draws_exact(batch, reentrant):
+    """Dropout inside a dropped branch: the replay moves the RNG as the recompute would have.
+
+    LoRA dropout in a kept MLP draws after the dropped attention of the same layer, so a
+    replay that left the RNG behind would recompute different dropout masks there.
+    """
+    def grads(checkpointing):
+        model = tiny_llama(attention_dropout=0.3)
+        targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=0.3))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        handle = dropbp.apply(model, auto_step=False)
+        handle.set_mask(MASK)
+        starts = count_backward_starts(handle)
+        model.train()
+        torch.manual_seed(5)
+        model(batch, labels=batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, starts
+
+    expected, _ = grads(checkpointing=False)
+    got, starts = grads(checkpointing=True)
+    assert [s for s, dropped in zip(starts, MASK) if dropped] == [0, 0, 0]
+    for name in expected:
+        assert (expected[name] is None) == (got[name] is None), name
+        if expected[name] is not None:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("where", ["model", "layer"])
+def test_torch_compile_training_is_refused_with_a_clear_error(batch, where):
+    model = tiny_llama()
+    handle = dropbp.apply(model)
+    model.train()
+    if where == "model":
+        compiled = torch.compile(model, backend="eager")
+    else:  # one compiled decoder layer inside an eager model
+        model.model.layers[1].compile(backend="eager")
+        compiled = model
+    with pytest.raises(RuntimeError, match="DropBP does not support torch.compile"):
+        compiled(batch, labels=batch)
+    # Compiled inference with DropBP attached is unaffected, and remove() makes training compile.
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(compiled(batch).logits, model(batch).logits)
+    handle.remove()
+    model.train()
+    assert torch.isfinite(compiled(batch, labels=batch).loss)
+
+
+def test_apply_refuses_a_compiled_model():
+    with pytest.raises(ValueError, match="torch.compile"):
+        dropbp.apply(torch.compile(tiny_llama(), backend="eager"))

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from dropbp.config import DropBPConfig
-from dropbp.handle import DropBPHandle, apply, find_handle
+from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
 
 __all__ = ["DropBPCallback"]
 
@@ -98,6 +98,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._run_first()
+        if args.torch_compile:
+            raise ValueError(COMPILE_REFUSED)
         if model is None:
             raise ValueError("DropBPCallback needs the Trainer's model; none was passed to on_train_begin")
         handle = find_handle(model)
