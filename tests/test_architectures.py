@@ -148,3 +148,37 @@ def test_readme_table_lists_every_row():
     table = readme[readme.index("## Architectures"): readme.index("## The `dropbp` command")]
     for model_type in BRANCH_PATTERNS:
         assert model_type in table, f"README's architecture table misses {model_type}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi"])
+def test_names_see_through_wrapper_modules(model_type, batch):
+    """checkpoint_wrapper (like FSDP1 and torch.compile) inserts a module name; branches keep theirs."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    make_config = {**CONFIGS, **FALLBACK}[model_type]
+    plain_names = [b.name for b in dropbp.apply(build(make_config)).branches]
+    model = build(make_config)
+    layer_class = type(model.model.layers[0])
+    apply_activation_checkpointing(model, checkpoint_wrapper, check_fn=lambda m: isinstance(m, layer_class))
+    assert any(name.endswith("_checkpoint_wrapped_module") for name, _ in model.named_modules())
+    handle = dropbp.apply(model, auto_step=False)
+    assert [b.name for b in handle.branches] == plain_names
+    # Checkpointed outside Hugging Face's switch: dropped branches are recomputed, gradients stay exact.
+    handle.remove()
+    reference = build(make_config)
+    reference.load_state_dict(model.state_dict())
+    mask = [i % 3 == 0 for i in range(len(plain_names))]
+    grads = []
+    for m in (reference, model):
+        h = dropbp.apply(m, auto_step=False)
+        h.set_mask(mask)
+        m.train()
+        loss = m(batch, labels=batch).loss
+        grads.append(torch.autograd.grad(loss, list(m.parameters()), allow_unused=True))
+    for got, expected in zip(grads[1], grads[0]):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

@@ -6,7 +6,7 @@ from conftest import tiny_llama
 
 import dropbp
 from dropbp.reference import detach_branches
-from dropbp.sensitivity import score
+from dropbp.sensitivity import exact_sensitivity, score
 
 
 def definition(model, batch, names, metric):
@@ -83,3 +83,11 @@ def test_bad_sensitivity_calls(llama, batch):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters that require grad"):
         handle.sensitivity(lambda: llama(batch, labels=batch).loss)
+
+
+def test_a_loss_that_reaches_none_of_the_parameters_is_refused(llama, batch):
+    llama.train()
+    loss = llama(batch, labels=batch).loss
+    stranger = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="no gradient reaches the trainable parameters"):
+        exact_sensitivity(loss, [None], [stranger])

@@ -79,24 +79,34 @@ def find_model_type(model: nn.Module) -> str | None:
     return None
 
 
+# Module names that wrappers insert (FSDP1, checkpoint_wrapper, torch.compile): patterns
+# and branch names see through them, so saved DropBP state fits wrapped and plain models.
+_WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def _unwrapped_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
 def _match(model: nn.Module, patterns: Sequence[str]) -> list[BranchSpec]:
     modules = dict(model.named_modules())
     specs = []
     for name in modules:
-        if not name:
+        clean = _unwrapped_name(name)
+        if not clean or name.rpartition(".")[2] in _WRAPPER_NAMES:
             continue
         for pattern in patterns:
             glob, _, sibling = pattern.partition("..")
-            if not fnmatch.fnmatchcase(name, glob):
+            if not fnmatch.fnmatchcase(clean, glob):
                 continue
             if not sibling:
-                specs.append(BranchSpec(name, name, name))
+                specs.append(BranchSpec(clean, name, name))
                 break
             parent = name.rpartition(".")[0]
             end = f"{parent}.{sibling}" if parent else sibling
             if end not in modules:
-                raise ValueError(f"span pattern {pattern!r}: {name!r} has no sibling module {sibling!r}")
-            specs.append(BranchSpec(f"{name}..{sibling}", name, end))
+                raise ValueError(f"span pattern {pattern!r}: {clean!r} has no sibling module {sibling!r}")
+            specs.append(BranchSpec(f"{clean}..{sibling}", name, end))
             break
     return specs
 
@@ -121,12 +131,17 @@ def _fallback(model: nn.Module) -> list[BranchSpec]:
     prefix, layers = found
     specs = []
     for index, layer in enumerate(layers):
-        for child, module in layer.named_children():
+        path = f"{prefix}.{index}" if prefix else str(index)
+        children = dict(layer.named_children())
+        while len(children) == 1 and next(iter(children)) in _WRAPPER_NAMES:
+            wrapper, inner = next(iter(children.items()))
+            path, children = f"{path}.{wrapper}", dict(inner.named_children())
+        for child, module in children.items():
             if _NORM.search(child) or not any(True for _ in module.parameters()):
                 continue
             if _ATTENTION.search(child) or _MLP.search(child):
-                name = f"{prefix}.{index}.{child}" if prefix else f"{index}.{child}"
-                specs.append(BranchSpec(name, name, name))
+                name = f"{path}.{child}"
+                specs.append(BranchSpec(_unwrapped_name(name), name, name))
     return specs
 
 

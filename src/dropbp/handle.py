@@ -72,6 +72,22 @@ def _refuse_compile() -> None:
     comptime(fail)
 
 
+def is_fsdp_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (``FullyShardedDataParallel`` or ``fully_shard``) shards part of ``model``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    if fsdp is None:
+        return False
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+FSDP_SENSITIVITY_REFUSED = (
+    "sensitivity needs each parameter whole, and FSDP shards them: measure it before sharding "
+    "(handle.sensitivity on the unsharded model, then handle.allocate or handle.state_dict to carry the rates "
+    "over), or train with uniform rates (DropBPCallback(sensitivity_at=None))"
+)
+
+
 def _require_find_unused(ddp: nn.Module) -> None:
     if not getattr(ddp, "find_unused_parameters", True):
         raise ValueError(
@@ -401,9 +417,11 @@ class DropBPHandle:
             One sensitivity per branch, in execution order.
 
         Raises:
-            ValueError: If the model has no trainable parameters, the closure's loss is
-                not a differentiable scalar, or ``method`` is unknown.
+            ValueError: If the model has no trainable parameters or is sharded by FSDP, the
+                closure's loss is not a differentiable scalar, or ``method`` is unknown.
         """
+        if is_fsdp_sharded(self.model):
+            raise ValueError(FSDP_SENSITIVITY_REFUSED)
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the model has no parameters that require grad; nothing to measure")

@@ -72,13 +72,19 @@ def exact_sensitivity(
         One sensitivity per branch. A branch whose output does not reach the loss gets 0.
 
     Raises:
-        ValueError: If the loss is not a scalar that requires grad.
+        ValueError: If the loss is not a scalar that requires grad, or no gradient from it
+            reaches ``params``.
     """
     if loss.dim() != 0 or not loss.requires_grad:
         raise ValueError("the closure must return a scalar loss that requires grad (run it in training mode)")
     live = [i for i, out in enumerate(branch_outputs) if out is not None and out.requires_grad]
     inputs = list(params) + [branch_outputs[i] for i in live]
     grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    if all(g is None for g in grads[: len(params)]):
+        raise ValueError(
+            "no gradient reaches the trainable parameters from this loss (are they the ones the forward "
+            "uses? sharded or replaced parameters are not); every sensitivity would be 0"
+        )
     full = _as_list(grads[: len(params)], params)
     incoming = dict(zip(live, grads[len(params):]))
 

@@ -5,6 +5,7 @@ Modes:
                backward the gradients are all_gathered and compared; sensitivity is measured on
                each rank's own batch and must come out identical; rank 0 saves the final weights.
     no-unused  DDP without find_unused_parameters: the first training forward must raise.
+    mismatch   check_ranks=True with different drop rates per rank: every rank must raise.
 """
 
 import argparse
@@ -30,13 +31,22 @@ def global_batch(step: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["train", "no-unused"], required=True)
+    parser.add_argument("--mode", choices=["train", "no-unused", "mismatch"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = tiny_llama()
     model.train()
+    if args.mode == "mismatch":
+        dropbp.apply(model, drop_rate=0.5 if rank == 0 else 0.0, check_ranks=True)
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        try:
+            ddp(global_batch(0), labels=global_batch(0))
+        except RuntimeError as error:
+            (args.out / f"error-{rank}.txt").write_text(str(error))
+        dist.destroy_process_group()
+        return
     if args.mode == "no-unused":
         dropbp.apply(model, drop_rate=0.5)
         ddp = DistributedDataParallel(model)

@@ -13,12 +13,13 @@ import dropbp
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(mode: str, out: Path) -> subprocess.CompletedProcess:
+def torchrun(mode: str, out: Path, worker: str = WORKER.name) -> subprocess.CompletedProcess:
+    """Run ``worker`` (a script beside this file) in 2 gloo processes and wait for it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(WORKER), "--mode", mode, "--out", str(out)]
+               "--master_port", str(port), str(WORKER.with_name(worker)), "--mode", mode, "--out", str(out)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -49,3 +50,10 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         assert "find_unused_parameters=True" in (tmp_path / f"error-{rank}.txt").read_text()
+
+
+def test_check_ranks_reports_masks_that_differ(tmp_path):
+    result = torchrun("mismatch", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert "DropBP masks differ between rank" in (tmp_path / f"error-{rank}.txt").read_text()

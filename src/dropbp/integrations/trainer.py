@@ -11,7 +11,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from dropbp.config import DropBPConfig
-from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
+from dropbp.handle import (
+    COMPILE_REFUSED,
+    FSDP_SENSITIVITY_REFUSED,
+    DropBPHandle,
+    apply,
+    find_handle,
+    is_fsdp_sharded,
+)
 
 __all__ = ["DropBPCallback"]
 
@@ -112,6 +119,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
             handle.load_state_dict(saved["handle_state"])
             self._measured = bool(saved.get("measured"))
         if self.config.sensitivity_at is not None and not self._measured:
+            if is_fsdp_sharded(model):  # fail now, not after sensitivity_at of the run
+                raise ValueError(FSDP_SENSITIVITY_REFUSED)
             self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
         handle.drop_statistics(reset=True)
 
