@@ -5,6 +5,8 @@ Modes:
                backward the gradients are all_gathered and compared; sensitivity is measured on
                each rank's own batch and must come out identical; rank 0 saves the final weights.
     no-unused  DDP without find_unused_parameters: the first training forward must raise.
+    train-checkpointing
+               the same with Hugging Face gradient checkpointing (non-reentrant, the default).
     mismatch   check_ranks=True with different drop rates per rank: every rank must raise.
 """
 
@@ -31,7 +33,7 @@ def global_batch(step: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["train", "no-unused", "mismatch"], required=True)
+    parser.add_argument("--mode", choices=["train", "train-checkpointing", "no-unused", "mismatch"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -57,6 +59,8 @@ def main() -> None:
         dist.destroy_process_group()
         return
 
+    if args.mode == "train-checkpointing":
+        model.gradient_checkpointing_enable()
     handle = dropbp.apply(model, drop_rate=0.5, seed=7, check_ranks=True)
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -77,7 +81,7 @@ def main() -> None:
     assert gathered[0] == gathered[1], "allocated rates differ between ranks"
     if rank == 0:
         torch.save({"state": model.state_dict(), "rates": rates, "masks_seen": handle.step_count},
-                   args.out / "ddp.pt")
+                   args.out / f"{args.mode}.pt")
     dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -23,10 +24,11 @@ def torchrun(mode: str, out: Path, worker: str = WORKER.name) -> subprocess.Comp
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
-    result = torchrun("train", tmp_path)
+@pytest.mark.parametrize("mode", ["train", "train-checkpointing"])
+def test_ddp_matches_single_process_on_the_global_batch(tmp_path, mode):
+    result = torchrun(mode, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    saved = torch.load(tmp_path / "ddp.pt")
+    saved = torch.load(tmp_path / f"{mode}.pt")
 
     # The same global batches in one process: the masks are the same because they depend only on (seed, step).
     from ddp_worker import STEPS, global_batch
