@@ -163,6 +163,8 @@ class DropBPHandle:
         self._owners = [
             _checkpointing_owners(model, spec.start) if spec.start == spec.end else () for spec in specs
         ]
+        parents = [spec.start.rpartition(".")[0] for spec in specs]
+        self._later_in_layer = [[j for j in range(i + 1, len(specs)) if parents[j] == parents[i]] for i in range(len(specs))]
         self._replay_dropped = True  # benchmarks switch it off to measure what the replay saves
         self._training_forward = False
         for branch in self.branches:
@@ -259,13 +261,21 @@ class DropBPHandle:
         return None
 
     def _will_recompute(self, branch: Branch) -> bool:
-        """Whether gradient checkpointing will run this call again in backward."""
-        return (
+        """Whether gradient checkpointing will run this call again in backward.
+
+        Reentrant checkpointing (its first pass runs without grad) recomputes the whole
+        layer. Non-reentrant checkpointing stops once the tensors the backward needs are
+        rebuilt, so it reaches a dropped branch only if a later branch of the same layer
+        builds a graph; keeping an output nobody replays would only cost memory.
+        """
+        if not (
             self._replay_dropped
             and self._training_forward
             and any(owner.gradient_checkpointing is True and owner.training for owner in self._owners[branch.index])
             and not hooks.in_backward()
-        )
+        ):
+            return False
+        return not torch.is_grad_enabled() or any(not self._mask[j] for j in self._later_in_layer[branch.index])
 
     def _anchored(self, output: Any) -> Any:
         """Keep the loss differentiable when nothing trainable is left in this step's graph.

@@ -85,8 +85,15 @@ def test_dropped_branches_are_not_recomputed_under_checkpointing(batch, reentran
     handle.set_mask(MASK)
     starts = count_backward_starts(handle)
     model.train()
-    model(batch, labels=batch).loss.backward()
+    loss = model(batch, labels=batch).loss
+    kept = [b._replay is not None for b in handle.branches]
+    loss.backward()
     recomputed_dropped = [s for s, dropped in zip(starts, MASK) if dropped]
+    if replay:
+        # Reentrant recomputes whole layers; non-reentrant stops early and never reaches a dropped MLP
+        # (the last branch of its layer), so no output is kept for it.
+        assert kept == ([True, False, False, True, True, False] if reentrant else [True, False, False, False, True, False])
+        assert not any("forward" in b.module.__dict__ for b in handle.branches)  # every kept output was replayed
     if replay:
         assert recomputed_dropped == [0, 0, 0]
     else:  # the switch the benchmark uses: without the replay, dropped attention is recomputed
