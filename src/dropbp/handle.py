@@ -164,7 +164,9 @@ class DropBPHandle:
             _checkpointing_owners(model, spec.start) if spec.start == spec.end else () for spec in specs
         ]
         parents = [spec.start.rpartition(".")[0] for spec in specs]
-        self._later_in_layer = [[j for j in range(i + 1, len(specs)) if parents[j] == parents[i]] for i in range(len(specs))]
+        self._later_in_layer = [
+            [j for j in range(i + 1, len(specs)) if parents[j] == parents[i]] for i in range(len(specs))
+        ]
         self._replay_dropped = True  # benchmarks switch it off to measure what the replay saves
         self._training_forward = False
         for branch in self.branches:

@@ -92,7 +92,8 @@ def test_dropped_branches_are_not_recomputed_under_checkpointing(batch, reentran
     if replay:
         # Reentrant recomputes whole layers; non-reentrant stops early and never reaches a dropped MLP
         # (the last branch of its layer), so no output is kept for it.
-        assert kept == ([True, False, False, True, True, False] if reentrant else [True, False, False, False, True, False])
+        expected = [True, False, False, True, True, False] if reentrant else [True, False, False, False, True, False]
+        assert kept == expected
         assert not any("forward" in b.module.__dict__ for b in handle.branches)  # every kept output was replayed
     if replay:
         assert recomputed_dropped == [0, 0, 0]
