@@ -166,3 +166,19 @@ def test_torch_compile_training_is_refused_with_a_clear_error(batch, where):
 def test_apply_refuses_a_compiled_model():
     with pytest.raises(ValueError, match="torch.compile"):
         dropbp.apply(torch.compile(tiny_llama(), backend="eager"))
+
+
+def test_sensitivity_under_checkpointing(batch):
+    """Non-reentrant checkpointing (the transformers 5 default) gives the same sensitivities;
+    reentrant checkpointing cannot run autograd.grad, and torch's error says what to change."""
+    def sensitivity(reentrant):
+        model = tiny_llama()
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        handle = dropbp.apply(model)
+        model.train()
+        return handle.sensitivity(lambda: model(batch, labels=batch).loss)
+
+    assert sensitivity(reentrant=False) == sensitivity(reentrant=None)
+    with pytest.raises(RuntimeError, match="set use_reentrant=False"):
+        sensitivity(reentrant=True)
