@@ -75,7 +75,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import ENV_PREFIXES, build_model, dropbp_source, layer_of, write_atomic  # noqa: E402
+from bench_core import ENV_PREFIXES, build_model, dropbp_source, layer_of, write_results  # noqa: E402
 
 import dropbp  # noqa: E402
 from dropbp.flops import flop_counter  # noqa: E402
@@ -410,9 +410,7 @@ def main(argv: list[str] | None = None) -> None:
               "fixed_masks": fixed_masks(handles[None]), "timed_p05_masks": masks,
               "raw_times_s": times, **summary}
     stem = "checkpointing_quick" if args.quick else "checkpointing"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
-    write_atomic(args.out / f"{stem}.md", report)
+    write_results(args.out, stem, record, report)
 
 
 if __name__ == "__main__":

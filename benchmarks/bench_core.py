@@ -247,6 +247,13 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out: Path, stem: str, record: dict, report: str) -> None:
+    """``<stem>.json`` (everything measured) and ``<stem>.md`` (the report), each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(out / f"{stem}.md", report)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()
@@ -282,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {"command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "optimizer": "AdamW(lr=1e-5)", "machine": machine, "runtime_s": runtime,
               "raw_step_times_s": times, "raw_sensitivity_times_s": sens_times, **summary}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "core.json", json.dumps(record, indent=2) + "\n")
-    write_atomic(args.out / "core.md", report)
+    write_results(args.out, "core", record, report)
 
 
 if __name__ == "__main__":

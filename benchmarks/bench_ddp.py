@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import ENV_PREFIXES, dropbp_source, write_atomic  # noqa: E402
+from bench_core import ENV_PREFIXES, dropbp_source, write_atomic, write_results  # noqa: E402
 
 VARIANTS = ("ddp", "ddp_fu", "ddp_fu_p0", "ddp_fu_p05", "local", "local_p05")
 # variant -> (DDP find_unused_parameters or None for no DDP, DropBP drop rate or None)
@@ -423,9 +423,7 @@ def main(argv: list[str] | None = None) -> None:
               "raw_step_times_per_rank_s": [r["times"] for r in raw["per_rank"]],
               "raw_volume_per_rank": [r["volume"] for r in raw["per_rank"]], **summary}
     stem = "ddp_quick" if args.quick else "ddp"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
-    write_atomic(args.out / f"{stem}.md", report)
+    write_results(args.out, stem, record, report)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,11 @@ from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_llama  # noqa: E402
-from test_trainer import MaskLog, TokenData, training_args  # noqa: E402
+from test_trainer import MaskLog, StopAt, TokenData, training_args  # noqa: E402
 
 from dropbp import DropBPCallback  # noqa: E402
 
 MAX_STEPS, SENSITIVITY_AT = 6, 0.5  # sensitivity is measured after step 3
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 class GradientCheck(TrainerCallback):

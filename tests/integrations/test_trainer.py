@@ -109,7 +109,7 @@ def test_resume_continues_the_same_masks(tmp_path, sensitivity_at):
         args = training_args(output, max_steps=6, **extra)
         trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
         if max_steps < 6:  # stop early, as a crash would, after the step-3 checkpoint
-            trainer.add_callback(_StopAt(max_steps))
+            trainer.add_callback(StopAt(max_steps))
         trainer.train(resume_from_checkpoint=resume)
         return masks.masks, callback.handle
 
@@ -121,7 +121,9 @@ def test_resume_continues_the_same_masks(tmp_path, sensitivity_at):
     assert resumed_handle.step_count == full_handle.step_count
 
 
-class _StopAt(TrainerCallback):
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` optimizer steps, as an interrupted job would."""
+
     def __init__(self, step):
         self.step = step
 
