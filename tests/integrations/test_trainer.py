@@ -164,3 +164,10 @@ def test_bad_callback_settings():
 def test_import_dropbp_does_not_import_transformers():
     code = "import sys, dropbp; assert 'transformers' not in sys.modules, 'transformers imported'; dropbp.apply"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_compile_is_refused_at_train_begin(tmp_path):
+    args = training_args(tmp_path, torch_compile=True, torch_compile_backend="eager")
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[DropBPCallback()])
+    with pytest.raises(ValueError, match="DropBP does not support torch.compile"):
+        trainer.train()
