@@ -182,3 +182,50 @@ def test_sensitivity_under_checkpointing(batch):
     assert sensitivity(reentrant=False) == sensitivity(reentrant=None)
     with pytest.raises(RuntimeError, match="set use_reentrant=False"):
         sensitivity(reentrant=True)
+
+
+class SharedBranchModel(torch.nn.Module):
+    """One checkpointed layer that calls its MLP branch twice (weight sharing)."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gradient_checkpointing = True
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+            self.out = torch.nn.Linear(8, 8)
+
+        def body(self, x):
+            h = x + self.mlp(x)
+            h = h + self.mlp(torch.sin(h))
+            return self.out(h)
+
+        def forward(self, x):
+            if self.gradient_checkpointing:
+                return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=True)
+            return self.body(x)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([self.Layer()])
+
+    def forward(self, x):
+        return self.layers[0](x).pow(2).mean()
+
+
+def test_a_branch_called_twice_is_recomputed_not_replayed():
+    x = torch.randn(4, 8, requires_grad=True)
+    grads = []
+    for checkpointing in (False, True):
+        model = SharedBranchModel()
+        model.layers[0].gradient_checkpointing = checkpointing
+        handle = dropbp.apply(model, branches=["layers.*.mlp"], auto_step=False)
+        handle.set_mask([True])
+        loss = model(x)
+        assert handle.branches[0]._replay is None  # the second call made the replay ambiguous
+        loss.backward()  # reentrant checkpointing does not support autograd.grad
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        assert (plain is None) == (checkpointed is None)
+        if plain is not None:
+            torch.testing.assert_close(checkpointed, plain)
