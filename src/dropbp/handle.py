@@ -72,20 +72,42 @@ def _refuse_compile() -> None:
     comptime(fail)
 
 
-def is_fsdp_sharded(model: nn.Module) -> bool:
-    """Whether FSDP (``FullyShardedDataParallel`` or ``fully_shard``) shards part of ``model``."""
+def fsdp_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The FSDP1 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) modules in ``model``."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
     if fsdp is None:
-        return False
-    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
-    return any(isinstance(m, kinds) for m in model.modules())
+        return [], []
+    v1, v2 = getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)
+    modules = list(model.modules())
+    return ([m for m in modules if v1 and isinstance(m, v1)], [m for m in modules if v2 and isinstance(m, v2)])
 
 
-FSDP_SENSITIVITY_REFUSED = (
-    "sensitivity needs each parameter whole, and FSDP shards them: measure it before sharding "
-    "(handle.sensitivity on the unsharded model, then handle.allocate or handle.state_dict to carry the rates "
-    "over), or train with uniform rates (DropBPCallback(sensitivity_at=None))"
+FSDP1_SENSITIVITY_REFUSED = (
+    "sensitivity needs each parameter's own gradient, and FSDP1 flattens parameters into shards: measure it "
+    "before wrapping (handle.sensitivity on the unwrapped model, then carry the rates over with "
+    "handle.state_dict), use FSDP2 (fully_shard), or train with uniform rates (DropBPCallback(sensitivity_at=None))"
 )
+
+
+@contextlib.contextmanager
+def _gathered(fsdp2: Sequence[nn.Module]) -> Iterator[Callable[[], None]]:
+    """Keep FSDP2 parameters unsharded; yields the re-gather to call before each backward.
+
+    Each backward ends in FSDP2's reshard, which frees the unsharded storage that the
+    retained graph still reads, so every partial backward of the exact sensitivity
+    gathers again first. All ranks make the same calls, so the collectives line up.
+    """
+
+    def gather() -> None:
+        for module in fsdp2:
+            module.unshard()
+
+    gather()
+    try:
+        yield gather
+    finally:
+        for module in fsdp2:
+            module.reshard()
 
 
 def _require_find_unused(ddp: nn.Module) -> None:
@@ -416,6 +438,8 @@ class DropBPHandle:
         advance, and the current mask is restored afterwards. The result is also kept in
         :attr:`sensitivities`. Under ``torch.distributed`` every rank must call this; the
         result is averaged over ranks so that all of them allocate the same rates.
+        Under FSDP2 (``fully_shard``) the parameters are gathered for the measurement (each
+        rank then holds the whole model for its duration); FSDP1 is refused.
 
         Args:
             closure: Runs one forward of the model in training mode on a fixed batch and
@@ -429,11 +453,15 @@ class DropBPHandle:
             One sensitivity per branch, in execution order.
 
         Raises:
-            ValueError: If the model has no trainable parameters or is sharded by FSDP, the
-                closure's loss is not a differentiable scalar, or ``method`` is unknown.
+            ValueError: If the model has no trainable parameters or is wrapped by FSDP1, the
+                closure's loss is not a differentiable scalar, or ``method`` is unknown (or
+                not ``"fast"`` under FSDP2).
         """
-        if is_fsdp_sharded(self.model):
-            raise ValueError(FSDP_SENSITIVITY_REFUSED)
+        fsdp1, fsdp2 = fsdp_modules(self.model)
+        if fsdp1:
+            raise ValueError(FSDP1_SENSITIVITY_REFUSED)
+        if fsdp2 and method != "fast":
+            raise ValueError("under FSDP2 only method='fast' measures sensitivity; the naive check needs whole parameters")
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the model has no parameters that require grad; nothing to measure")
@@ -445,7 +473,10 @@ class DropBPHandle:
                     outputs = self._capture
                 finally:
                     self._capture = None
-                result = exact_sensitivity(loss, outputs, params, metric)
+                with _gathered(fsdp2) as gather:
+                    if fsdp2:  # the graph's leaves are the unsharded parameters, held only while gathered
+                        params = self.trainable_parameters()
+                    result = exact_sensitivity(loss, outputs, params, metric, before_backward=gather)
                 del loss, outputs
         elif method == "naive":
             # Each pass must see the same dropout draws as the first.

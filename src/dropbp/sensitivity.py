@@ -58,6 +58,7 @@ def exact_sensitivity(
     branch_outputs: Sequence[torch.Tensor | None],
     params: Sequence[torch.Tensor],
     metric: Metric = "grad_diff",
+    before_backward: Callable[[], None] | None = None,
 ) -> list[float]:
     """Exact sensitivities from one forward graph.
 
@@ -67,6 +68,8 @@ def exact_sensitivity(
             (``None`` for a branch that did not run or does not require grad).
         params: Trainable parameters.
         metric: See :func:`score`.
+        before_backward: Called before each of the backward passes (FSDP2 re-gathers its
+            parameters there).
 
     Returns:
         One sensitivity per branch. A branch whose output does not reach the loss gets 0.
@@ -79,6 +82,8 @@ def exact_sensitivity(
         raise ValueError("the closure must return a scalar loss that requires grad (run it in training mode)")
     live = [i for i, out in enumerate(branch_outputs) if out is not None and out.requires_grad]
     inputs = list(params) + [branch_outputs[i] for i in live]
+    prepare = before_backward or (lambda: None)
+    prepare()
     grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
     if all(g is None for g in grads[: len(params)]):
         raise ValueError(
@@ -93,6 +98,7 @@ def exact_sensitivity(
         g_out = incoming[i]
         if g_out is None:
             continue
+        prepare()
         diff = torch.autograd.grad(
             branch_outputs[i], params, grad_outputs=g_out, retain_graph=True, allow_unused=True
         )

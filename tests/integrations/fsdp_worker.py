@@ -4,12 +4,14 @@ Each rank trains on its half of the global batch with DropBP (``check_ranks=True
 decoder layers and the root sharded by FSDP2 (``fully_shard``) or FSDP1
 (``FullyShardedDataParallel`` with a transformer auto-wrap policy). After every backward the
 full (unsharded) gradients are assembled; rank 0 saves them with the final full weights and
-the branch names, and every rank records what ``handle.sensitivity`` and the Trainer
-callback say about measuring sensitivity under sharding.
+the branch names. Every rank then calibrates on its last local batch (FSDP2 gathers the
+parameters for it; FSDP1 refuses) and records the outcome, with what the Trainer callback
+says at train begin.
 """
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -86,29 +88,29 @@ def main() -> None:
         masks.append(handle.mask)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    try:
-        handle.sensitivity(lambda: wrapped(local, labels=local).loss)
-        refusal = "no error"
-    except ValueError as error:
-        refusal = str(error)
-    (args.out / f"sensitivity-{rank}.txt").write_text(refusal)
-    # The Trainer callback refuses at train begin, not after sensitivity_at of the run.
+    # Sensitivity: FSDP2 gathers the parameters for it (rates must come out equal on all ranks); FSDP1 refuses.
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from dropbp import DropBPCallback
 
+    outcome = {}
     try:
+        outcome["rates"] = handle.calibrate([lambda: wrapped(local, labels=local).loss], target=0.5)
+        outcome["sensitivities"] = handle.sensitivities
+    except ValueError as error:
+        outcome["sensitivity_error"] = str(error)
+    try:  # the Trainer callback refuses FSDP1 at train begin, not after sensitivity_at of the run
         DropBPCallback(sensitivity_at=0.5).on_train_begin(
             TrainingArguments(str(args.out), use_cpu=True, report_to="none"), TrainerState(), TrainerControl(),
             model=model)
-        refusal = "no error"
     except ValueError as error:
-        refusal = str(error)
-    (args.out / f"callback-{rank}.txt").write_text(refusal)
+        outcome["callback_error"] = str(error)
+    (args.out / f"outcome-{rank}.json").write_text(json.dumps(outcome))
     state = full_state()
     if rank == 0:
         torch.save({"grads": grads, "masks": masks, "state": state, "branches": [b.name for b in handle.branches],
                     "steps": handle.step_count}, args.out / f"{args.mode}.pt")
+    wrapped(local, labels=local).loss.backward()  # training still works after the measurement
     dist.destroy_process_group()
 
 

@@ -2,7 +2,10 @@
 
 Accelerate enables its FSDP path only for GPU-type distributed setups, so on CPU FSDP1 is
 wrapped with torch's own API here; test_accelerate.py covers ``accelerate launch`` (DDP).
+Sensitivity works under FSDP2 (parameters gathered for it) and is refused under FSDP1.
 """
+
+import json
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ def test_fsdp_matches_single_process_on_the_global_batch(tmp_path, mode):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(tmp_path / f"{mode}.pt")
 
-    from ddp_worker import STEPS, global_batch
+    from ddp_worker import PER_RANK, STEPS, global_batch
 
     model = tiny_llama()
     model.train()
@@ -44,6 +47,16 @@ def test_fsdp_matches_single_process_on_the_global_batch(tmp_path, mode):
     assert saved["steps"] == handle.step_count == STEPS
     for name, value in model.state_dict().items():
         torch.testing.assert_close(saved["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
-    for rank in (0, 1):  # refused on every rank (no rank left waiting in a collective)
-        assert "FSDP shards them" in (tmp_path / f"sensitivity-{rank}.txt").read_text()
-        assert "FSDP shards them" in (tmp_path / f"callback-{rank}.txt").read_text()
+    outcomes = [json.loads((tmp_path / f"outcome-{rank}.json").read_text()) for rank in (0, 1)]
+    if mode == "fsdp1":  # refused on every rank (no rank left waiting in a collective)
+        for outcome in outcomes:
+            assert "FSDP1 flattens parameters" in outcome["sensitivity_error"]
+            assert "FSDP1 flattens parameters" in outcome["callback_error"]
+        return
+    # FSDP2: each rank measured its own half of the last batch; the average equals the single-process one.
+    assert outcomes[0] == outcomes[1] and "callback_error" not in outcomes[0]
+    halves = [global_batch(STEPS - 1)[rank * PER_RANK : (rank + 1) * PER_RANK] for rank in (0, 1)]
+    per_half = [handle.sensitivity(lambda b=b: model(b, labels=b).loss) for b in halves]
+    expected = [(a + b) / 2 for a, b in zip(*per_half)]
+    assert outcomes[0]["sensitivities"] == pytest.approx(expected, rel=1e-4)
+    assert outcomes[0]["rates"] == pytest.approx(handle.allocate(0.5, expected), rel=1e-4)

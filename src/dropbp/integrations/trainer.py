@@ -13,11 +13,11 @@ from transformers.trainer_callback import ExportableState
 from dropbp.config import DropBPConfig
 from dropbp.handle import (
     COMPILE_REFUSED,
-    FSDP_SENSITIVITY_REFUSED,
+    FSDP1_SENSITIVITY_REFUSED,
     DropBPHandle,
     apply,
     find_handle,
-    is_fsdp_sharded,
+    fsdp_modules,
 )
 
 __all__ = ["DropBPCallback"]
@@ -119,8 +119,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
             handle.load_state_dict(saved["handle_state"])
             self._measured = bool(saved.get("measured"))
         if self.config.sensitivity_at is not None and not self._measured:
-            if is_fsdp_sharded(model):  # fail now, not after sensitivity_at of the run
-                raise ValueError(FSDP_SENSITIVITY_REFUSED)
+            if fsdp_modules(model)[0]:  # fail now, not after sensitivity_at of the run
+                raise ValueError(FSDP1_SENSITIVITY_REFUSED)
             self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
         handle.drop_statistics(reset=True)
 
