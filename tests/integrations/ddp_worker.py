@@ -40,21 +40,16 @@ def main() -> None:
     rank = dist.get_rank()
     model = tiny_llama()
     model.train()
-    if args.mode == "mismatch":
-        dropbp.apply(model, drop_rate=0.5 if rank == 0 else 0.0, check_ranks=True)
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    if args.mode in ("mismatch", "no-unused"):  # the first training forward must raise on every rank
+        if args.mode == "mismatch":
+            dropbp.apply(model, drop_rate=0.5 if rank == 0 else 0.0, check_ranks=True)
+            ddp, expected = DistributedDataParallel(model, find_unused_parameters=True), RuntimeError
+        else:
+            dropbp.apply(model, drop_rate=0.5)
+            ddp, expected = DistributedDataParallel(model), ValueError
         try:
             ddp(global_batch(0), labels=global_batch(0))
-        except RuntimeError as error:
-            (args.out / f"error-{rank}.txt").write_text(str(error))
-        dist.destroy_process_group()
-        return
-    if args.mode == "no-unused":
-        dropbp.apply(model, drop_rate=0.5)
-        ddp = DistributedDataParallel(model)
-        try:
-            ddp(global_batch(0), labels=global_batch(0))
-        except ValueError as error:
+        except expected as error:
             (args.out / f"error-{rank}.txt").write_text(str(error))
         dist.destroy_process_group()
         return
