@@ -3,7 +3,8 @@
 A dropped branch runs its forward with grad mode off, so autograd builds no graph for it
 and saves none of its activations; its output enters the residual add as a constant, and
 the gradient flows through the skip path only. Nothing is wrapped or renamed: the module
-tree, ``state_dict()`` keys and ``forward``'s signature stay as they were.
+tree, ``state_dict()`` keys and ``forward``'s signature stay as they were. The one
+short-lived exception is the gradient-checkpointing replay (:func:`install_replay`).
 """
 
 from __future__ import annotations
