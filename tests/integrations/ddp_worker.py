@@ -31,15 +31,20 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, 64, (2 * PER_RANK, LENGTH), generator=generator)
 
 
-def main() -> None:
+def start_worker(modes: list[str]) -> tuple[argparse.Namespace, int, torch.nn.Module]:
+    """Parse ``--mode``/``--out``, join the gloo group, and build the tiny model in training mode."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["train", "train-checkpointing", "no-unused", "mismatch"], required=True)
+    parser.add_argument("--mode", choices=modes, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     model = tiny_llama()
     model.train()
+    return args, dist.get_rank(), model
+
+
+def main() -> None:
+    args, rank, model = start_worker(["train", "train-checkpointing", "no-unused", "mismatch"])
     if args.mode in ("mismatch", "no-unused"):  # the first training forward must raise on every rank
         if args.mode == "mismatch":
             dropbp.apply(model, drop_rate=0.5 if rank == 0 else 0.0, check_ranks=True)

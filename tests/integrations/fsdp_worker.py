@@ -9,7 +9,6 @@ parameters for it; FSDP1 refuses) and records the outcome, with what the Trainer
 says at train begin.
 """
 
-import argparse
 import functools
 import json
 import sys
@@ -19,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama  # noqa: E402
-from ddp_worker import PER_RANK, STEPS, global_batch  # noqa: E402
+from ddp_worker import PER_RANK, STEPS, global_batch, start_worker  # noqa: E402
 
 import dropbp  # noqa: E402
 
@@ -65,14 +63,7 @@ def fsdp1(model):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["fsdp2", "fsdp1"], required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model = tiny_llama()
-    model.train()
+    args, rank, model = start_worker(["fsdp2", "fsdp1"])
     if args.mode == "fsdp2":  # DropBP before sharding, as a user would write it
         handle = dropbp.apply(model, drop_rate=0.5, seed=7, check_ranks=True)
         wrapped, full_grads, full_state = fsdp2(model)
