@@ -16,6 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
 from dropbp.architectures import BranchSpec, resolve_branches
+from dropbp.distributed import (
+    FSDP1_SENSITIVITY_REFUSED,
+    assert_same_on_all_ranks,
+    average_over_ranks,
+    fsdp_modules,
+    gathered,
+    require_find_unused,
+)
 from dropbp.flops import flop_counter
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
@@ -44,17 +52,6 @@ class _Frame:
     rng_before: tuple | None = None  # set when the output is kept for a checkpoint replay
 
 
-def _average_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Average per-rank sensitivities so every rank allocates the same rates (and masks)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
-
-
 COMPILE_REFUSED = (
     "DropBP does not support torch.compile for training: a compiled graph fixes which branches build a "
     "backward, so it would either recompile for every new mask or compute wrong gradients; train the model "
@@ -70,73 +67,6 @@ def _refuse_compile() -> None:
         raise RuntimeError(COMPILE_REFUSED)
 
     comptime(fail)
-
-
-def fsdp_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The FSDP1 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) modules in ``model``."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
-    if fsdp is None:
-        return [], []
-    v1, v2 = getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)
-    modules = list(model.modules())
-    return ([m for m in modules if v1 and isinstance(m, v1)], [m for m in modules if v2 and isinstance(m, v2)])
-
-
-FSDP1_SENSITIVITY_REFUSED = (
-    "sensitivity needs each parameter's own gradient, and FSDP1 flattens parameters into shards: measure it "
-    "before wrapping (handle.sensitivity on the unwrapped model, then carry the rates over with "
-    "handle.state_dict), use FSDP2 (fully_shard), or train with uniform rates (DropBPCallback(sensitivity_at=None))"
-)
-
-
-@contextlib.contextmanager
-def _gathered(fsdp2: Sequence[nn.Module]) -> Iterator[Callable[[], None]]:
-    """Keep FSDP2 parameters unsharded; yields the re-gather to call before each backward.
-
-    Each backward ends in FSDP2's reshard, which frees the unsharded storage that the
-    retained graph still reads, so every partial backward of the exact sensitivity
-    gathers again first. All ranks make the same calls, so the collectives line up.
-    """
-
-    def gather() -> None:
-        for module in fsdp2:
-            module.unshard()
-
-    gather()
-    try:
-        yield gather
-    finally:
-        for module in fsdp2:
-            module.reshard()
-
-
-def _require_find_unused(ddp: nn.Module) -> None:
-    if not getattr(ddp, "find_unused_parameters", True):
-        raise ValueError(
-            "DropBP leaves dropped branches' parameters without gradients, which DistributedDataParallel "
-            "only accepts with find_unused_parameters=True; wrap the model with "
-            "DistributedDataParallel(model, find_unused_parameters=True) (HF Trainer: "
-            "TrainingArguments(ddp_find_unused_parameters=True))"
-        )
-
-
-def _assert_same_on_all_ranks(step: int, mask: list[bool]) -> None:
-    """Debug check: one all_gather of (step, mask) and a comparison (``check_ranks=True``)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    local = torch.tensor([step, *mask], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        local = local.cuda()
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    for rank, other in enumerate(gathered):
-        if not torch.equal(other, local):
-            raise RuntimeError(
-                f"DropBP masks differ between rank {dist.get_rank()} and rank {rank} at step {step}: "
-                "give every rank the same seed, drop rates and step counter"
-            )
 
 
 def _checkpointing_owners(model: nn.Module, name: str) -> tuple[nn.Module, ...]:
@@ -226,7 +156,7 @@ class DropBPHandle:
         if active is None or id(active) in self._checked_ddp:
             return
         self._checked_ddp.add(id(active))
-        _require_find_unused(active)
+        require_find_unused(active)
 
     def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._training_forward = False
@@ -335,7 +265,7 @@ class DropBPHandle:
         """
         self._mask = sample_mask(self.seed, self._step, self.drop_rates)
         if self.check_ranks:
-            _assert_same_on_all_ranks(self._step, self._mask)
+            assert_same_on_all_ranks(self._step, self._mask)
         self._step += 1
         self._counted_steps += 1
         for i, dropped in enumerate(self._mask):
@@ -473,7 +403,7 @@ class DropBPHandle:
                     outputs = self._capture
                 finally:
                     self._capture = None
-                with _gathered(fsdp2) as gather:
+                with gathered(fsdp2) as gather:
                     if fsdp2:  # the graph's leaves are the unsharded parameters, held only while gathered
                         params = self.trainable_parameters()
                     result = exact_sensitivity(loss, outputs, params, metric, before_backward=gather)
@@ -496,7 +426,7 @@ class DropBPHandle:
                     result = naive_sensitivity(loss_with_mask, len(self.branches), params, metric)
         else:
             raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
-        result = _average_over_ranks(result, params[0].device)
+        result = average_over_ranks(result, params[0].device)
         self.sensitivities = result
         return list(result)
 
@@ -683,7 +613,7 @@ def apply(
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         raise ValueError(COMPILE_REFUSED)
     if isinstance(model, DistributedDataParallel):
-        _require_find_unused(model)
+        require_find_unused(model)
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
     specs = resolve_branches(model, branches)

@@ -11,14 +11,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from dropbp.config import DropBPConfig
-from dropbp.handle import (
-    COMPILE_REFUSED,
-    FSDP1_SENSITIVITY_REFUSED,
-    DropBPHandle,
-    apply,
-    find_handle,
-    fsdp_modules,
-)
+from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
+from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
 
 __all__ = ["DropBPCallback"]
 
