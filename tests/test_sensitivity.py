@@ -90,4 +90,4 @@ def test_a_loss_that_reaches_none_of_the_parameters_is_refused(llama, batch):
     loss = llama(batch, labels=batch).loss
     stranger = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="no gradient reaches the trainable parameters"):
-        exact_sensitivity(loss, [None], [stranger])
+        exact_sensitivity(loss, [[]], [stranger])

@@ -11,7 +11,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["flop_counter", "sdpa_forward_flops"]
+__all__ = ["FlopMeter", "flop_counter", "sdpa_forward_flops", "shape_key"]
+
+# Padded lengths vary per batch; a few hundred shapes cover any realistic run.
+_MAX_CACHED_SHAPES = 512
 
 
 def sdpa_forward_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
@@ -47,3 +50,58 @@ def flop_counter() -> FlopCounterMode:
         A context manager; read ``get_total_flops()`` after leaving it.
     """
     return FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_ops())
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
+def shape_key(args: tuple, kwargs: dict) -> tuple:
+    """Shapes of the tensor inputs (one level into tuples): FLOPs change only with these."""
+    key = [tuple(t.shape) for a in args for t in _tensors(a)]
+    key += [(k, tuple(t.shape)) for k, v in kwargs.items() for t in _tensors(v)]
+    return tuple(key)
+
+
+class FlopMeter:
+    """Forward FLOPs per branch and input shape, counted once per shape on training forwards.
+
+    Counting runs the forward under a Python dispatch mode, which is slow, so it happens on
+    the first training call at each new input shape only. Eval, ``no_grad`` and
+    ``generate`` never reach the meter: their shapes (one token per decode step) would
+    otherwise cost a count each and replace the training FLOPs the allocation needs.
+
+    Args:
+        num_branches: How many branches are metered.
+    """
+
+    def __init__(self, num_branches: int):
+        self.flops: list[int | None] = [None] * num_branches
+        self._by_shape: list[dict[tuple, int]] = [{} for _ in range(num_branches)]
+
+    def start(self, index: int, args: tuple, kwargs: dict) -> tuple[FlopCounterMode, tuple] | None:
+        """Before a training call of branch ``index``: a count to :meth:`stop`, or None if known."""
+        key = shape_key(args, kwargs)
+        known = self._by_shape[index].get(key)
+        if known is not None:
+            self.flops[index] = known
+            return None
+        counter = flop_counter()
+        counter.__enter__()
+        return counter, key
+
+    def stop(self, index: int, count: tuple[FlopCounterMode, tuple], completed: bool) -> None:
+        """After the call: close the count, and keep it if the forward completed."""
+        counter, key = count
+        counter.__exit__(None, None, None)
+        if not completed:
+            return
+        cache = self._by_shape[index]
+        if len(cache) >= _MAX_CACHED_SHAPES:
+            cache.pop(next(iter(cache)))
+        cache[key] = self.flops[index] = int(counter.get_total_flops())

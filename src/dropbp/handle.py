@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
-import weakref
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -16,40 +16,19 @@ from torch.nn.parallel import DistributedDataParallel
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
 from dropbp.architectures import BranchSpec, resolve_branches
-from dropbp.distributed import (
-    FSDP1_SENSITIVITY_REFUSED,
-    assert_same_on_all_ranks,
-    average_over_ranks,
-    fsdp_modules,
-    gathered,
-    require_find_unused,
-)
-from dropbp.flops import flop_counter
+from dropbp.checkpointing import ForwardContext, RecomputeKeys, Replays, make_replay, raise_ambiguous, rng_state
+from dropbp.distributed import assert_same_on_all_ranks, require_find_unused
+from dropbp.errors import DropBPError
+from dropbp.flops import FlopMeter
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
-from dropbp.sensitivity import Metric, exact_sensitivity, naive_sensitivity
+from dropbp.sensitivity import Metric, measure_sensitivity
 from dropbp.validation import check_mask, check_nonnegative, check_rate, check_rates
 
-__all__ = ["DropBPHandle", "apply", "find_handle"]
+__all__ = ["COMPILE_REFUSED", "DropBPHandle", "apply", "find_handle"]
 
-_STATE_VERSION = 1
-# Padded lengths vary per batch; a few hundred shapes cover any realistic run.
-_MAX_CACHED_SHAPES = 512
-
-# Root module -> its handle; weak so a deleted model does not stay alive through us.
-_HANDLES: "weakref.WeakKeyDictionary[nn.Module, DropBPHandle]" = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class _Frame:
-    """What a branch's pre-hook hands to its post-hook for one call."""
-
-    grad_was_enabled: bool
-    dropped: bool
-    counter: Any
-    key: tuple | None
-    input_requires_grad: bool
-    rng_before: tuple | None = None  # set when the output is kept for a checkpoint replay
+STATE_VERSION = 1
+_STATE_KEYS = ("version", "branches", "seed", "step", "drop_rates")
 
 
 COMPILE_REFUSED = (
@@ -69,15 +48,19 @@ def _refuse_compile() -> None:
     comptime(fail)
 
 
-def _checkpointing_owners(model: nn.Module, name: str) -> tuple[nn.Module, ...]:
-    """Modules around a branch with a Hugging Face ``gradient_checkpointing`` switch.
+def _checkpointing_owner(model: nn.Module, name: str) -> nn.Module | None:
+    """The innermost module around a branch with a Hugging Face ``gradient_checkpointing`` switch.
 
-    transformers 5 sets it on each decoder layer, older versions on the model body; when
-    one is on, the branch is recomputed in backward.
+    transformers 5 sets it on each decoder layer (``every_n_layers`` leaves some off) and on
+    the model body; older versions on the body only. When it is on, the branch is
+    recomputed in backward.
     """
     parts = name.split(".")
-    around = (model.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
-    return tuple(m for m in around if hasattr(m, "gradient_checkpointing"))
+    for i in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:i]))
+        if hasattr(module, "gradient_checkpointing"):
+            return module
+    return None
 
 
 def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
@@ -93,34 +76,32 @@ def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
 class DropBPHandle:
     """DropBP attached to one model. Created by :func:`apply`; not constructed directly.
 
+    The handle owns the mask stream (``seed``, step counter, rates), the per-branch hooks
+    and the per-run bookkeeping. Each training forward of ``model`` takes its mask from
+    the stream when it starts (see :mod:`dropbp.hooks`); everything that forward's
+    recompute needs stays with that forward, so several forwards may wait for their
+    backward at once, in any order.
+
     Attributes:
         branches: The residual branches in execution order.
         model: The module DropBP was applied to.
         seed: Seed of the mask stream.
         auto_step: Whether each training forward of ``model`` samples the next mask.
+        replay: Under gradient checkpointing, return a dropped branch's first-pass output in
+            the recompute instead of running the branch again (exact; saves its FLOPs).
         sensitivities: The last sensitivities measured or loaded, else ``None``.
     """
 
     def __init__(
         self, model: nn.Module, specs: list[BranchSpec], seed: int, auto_step: bool, drop_rate: float,
-        check_ranks: bool = False,
+        check_ranks: bool = False, replay: bool = True,
     ):
         self.model = model
         self.seed = int(seed)
         self.auto_step = bool(auto_step)
         self.check_ranks = bool(check_ranks)
-        self._checked_ddp: set[int] = set()
+        self.replay = bool(replay)
         self.branches: list[Branch] = [_make_branch(model, spec, i) for i, spec in enumerate(specs)]
-        # Spans (OPT's fc1..fc2) start and end in different modules: one forward cannot be shadowed.
-        self._owners = [
-            _checkpointing_owners(model, spec.start) if spec.start == spec.end else () for spec in specs
-        ]
-        parents = [spec.start.rpartition(".")[0] for spec in specs]
-        self._later_in_layer = [
-            [j for j in range(i + 1, len(specs)) if parents[j] == parents[i]] for i in range(len(specs))
-        ]
-        self._replay_dropped = True  # benchmarks switch it off to measure what the replay saves
-        self._training_forward = False
         for branch in self.branches:
             branch.drop_rate = drop_rate
         self.sensitivities: list[float] | None = None
@@ -128,27 +109,185 @@ class DropBPHandle:
         self._mask = [False] * len(self.branches)
         self._drop_counts = [0] * len(self.branches)
         self._counted_steps = 0
-        self._paused = 0
-        self._capture: list[torch.Tensor | None] | None = None
-        self._anchor: torch.Tensor | None = None
-        for branch in self.branches:
-            hooks.register(branch, self._pre_hook, self._post_hook)
-        self._root_hooks = [
-            model.register_forward_pre_hook(self._root_pre_hook),
-            model.register_forward_hook(self._root_post_hook, always_call=True),
+        self._all_indices = tuple(range(len(self.branches)))
+        # Spans (OPT's fc1..fc2) start and end in different modules: one forward cannot be shadowed.
+        self._owners = [_checkpointing_owner(model, spec.start) if spec.start == spec.end else None for spec in specs]
+        parents = [spec.start.rpartition(".")[0] for spec in specs]
+        self._later_in_layer = [
+            tuple(j for j in range(i + 1, len(specs)) if parents[j] == parents[i]) for i in range(len(specs))
         ]
+        self._meter = FlopMeter(len(self.branches))
+        self._hook_handles = self._register_hooks(specs)
+        self._init_runtime()
 
-    # ------------------------------------------------------------------ hooks
-    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if module.training and torch.is_grad_enabled():
-            if torch.compiler.is_compiling():
-                _refuse_compile()
-            self._check_ddp_wrapper()
-            self._training_forward = True
-            for branch in self.branches:  # outputs kept for a backward that never came
-                hooks.clear_replay(branch, unblock=True)
-            if self.auto_step and not self._paused:
-                self.step()
+    def _init_runtime(self) -> None:
+        """The per-process state a copy of the handle must not share."""
+        self._thread = hooks.ThreadState()
+        self._keys = RecomputeKeys()
+        self._replays = Replays(
+            [b.module if b.end_module is b.module else None for b in self.branches], self._replay_context
+        )
+        self._lock = threading.Lock()
+        self._overrides: list[tuple[bool, ...]] = []
+        self._standing: ForwardContext | None = None
+        self._capture_next = False
+        self._captured: ForwardContext | None = None
+        self._checked_ddp: set[int] = set()
+        self._anchor: torch.Tensor | None = None
+
+    def _register_hooks(self, specs: list[BranchSpec]) -> list:
+        model = self.model
+        covers: dict[int, tuple[nn.Module, set[int]]] = {}
+        for i, spec in enumerate(specs):
+            parts = spec.start.split(".")
+            around = [model.get_submodule(".".join(parts[:k])) for k in range(1, len(parts))]
+            beside = list((around[-1] if around else model).children())
+            for module in (*around, *beside):
+                covers.setdefault(id(module), (module, set()))[1].add(i)
+        handles = []
+        for module, indices in covers.values():  # before the branch hooks: a recompute is matched first
+            handles += hooks.register(module, pre=hooks.KeyHook(self, tuple(sorted(indices))))
+        for branch in self.branches:
+            hook = hooks.BranchHook(self, branch.index)
+            handles += hooks.register(branch.module, pre=hook.pre)
+            handles += hooks.register(branch.end_module, post=hook.post)
+        root = hooks.RootHook(self)
+        handles += hooks.register(model, pre=root.pre, post=root.post)
+        return handles
+
+    def __deepcopy__(self, memo: dict) -> DropBPHandle:
+        # Reached through the hooks when the model is deep-copied: the copy gets its own
+        # handle (same rates, seed and step) on the copied modules.
+        if any(self._replays.shadowed()):
+            raise DropBPError(
+                "cannot copy the model while outputs are kept for a gradient-checkpointing recompute; "
+                "copy it before the training forward or after its backward"
+            )
+        clone = object.__new__(DropBPHandle)
+        memo[id(self)] = clone
+        runtime = {"_thread", "_keys", "_replays", "_lock", "_overrides", "_standing", "_capture_next", "_captured",
+                   "_checked_ddp", "_anchor"}
+        for name, value in self.__dict__.items():
+            if name not in runtime:
+                setattr(clone, name, copy.deepcopy(value, memo))
+        clone._init_runtime()
+        return clone
+
+    # ------------------------------------------------------------ hook callbacks
+    def _new_context(self) -> ForwardContext:
+        """The context of a training forward of the root module, with its mask."""
+        if torch.compiler.is_compiling():
+            _refuse_compile()
+        self._check_ddp_wrapper()
+        if self._overrides:
+            mask = self._overrides[-1]
+        elif self.auto_step:
+            mask = tuple(self.step())
+        else:
+            mask = tuple(self._mask)
+        context = ForwardContext(mask)
+        if self._capture_next:
+            self._capture_next = False
+            context.capture = {}
+            self._captured = context
+        return context
+
+    def _current_context(self) -> ForwardContext | None:
+        """The training forward a first-pass call belongs to, or None if nothing trains."""
+        active = self._thread.active
+        if active:
+            return active[-1]
+        if not torch.is_grad_enabled():
+            return None
+        # A branch called without the root's hooks (a layer called directly): the standing mask.
+        mask = self._overrides[-1] if self._overrides else tuple(self._mask)
+        if self._standing is None or self._standing.mask != mask:
+            self._standing = ForwardContext(mask)
+        return self._standing
+
+    def _enter_recompute(self, x: torch.Tensor | None, covers: tuple[int, ...]) -> None:
+        """In a backward: if ``x`` was a training forward's input, its recompute starts here."""
+        found = self._keys.lookup(x) if x is not None else []
+        if not found:
+            return
+        first = found[0]
+        for other in found[1:]:  # one tensor fed several forwards: they must agree here
+            if any(other.mask[i] != first.mask[i] or i in other.kept or i in first.kept for i in covers):
+                raise_ambiguous(self.branches[covers[0]].name, found)
+        state = self._thread
+        state.recompute.update(dict.fromkeys(covers, first))
+        task = torch._C._current_graph_task_id()
+        if state.task != task:  # forget at the end of this backward which forward it recomputed
+            state.task = task
+            recompute = state.recompute
+            torch.autograd.Variable._execution_engine.queue_callback(recompute.clear)
+
+    def _recompute_context(self, index: int) -> ForwardContext | None:
+        """The training forward whose recompute calls branch ``index`` now (in a backward)."""
+        context = self._thread.recompute.get(index)
+        if context is not None:
+            return context
+        live = self._keys.live_contexts()
+        if not live:
+            return None  # not the recompute of a training forward
+        if all(c.mask[index] == live[0].mask[index] and index not in c.kept for c in live):
+            return live[0]
+        raise_ambiguous(self.branches[index].name, live)
+        return None
+
+    def _replay_context(self, index: int) -> ForwardContext | None:
+        return self._thread.recompute.get(index)
+
+    def _first_pass_call(self, frame: hooks.Frame, index: int, args: tuple, kwargs: dict) -> None:
+        """Bookkeeping for a branch call in a training forward (not in its recompute)."""
+        context = frame.context
+        if frame.grad_was_enabled and torch.compiler.is_compiling():
+            _refuse_compile()  # a compiled layer inside an eager model
+        calls = context.calls[index] = context.calls.get(index, 0) + 1
+        if calls > 1:  # which call a recompute asks for is ambiguous: run the branch again there
+            self._replays.discard(context, index)
+        frame.counting = self._meter.start(index, args, kwargs)
+        self.branches[index].flops = self._meter.flops[index]
+        x = hooks.first_input(args, kwargs)
+        if x is None:
+            return
+        frame.input_requires_grad = x.requires_grad
+        if calls == 1 and context.mask[index] and self.replay and self._will_recompute(index, context):
+            rng = rng_state(x.device)
+            if rng is not None:
+                frame.keep_rng = (rng, x.device)
+
+    def _after_call(self, frame: hooks.Frame, index: int, output: Any) -> Any:
+        """The post-hook's work once grad mode is restored; may return a replacement output."""
+        if frame.counting is not None:
+            self._meter.stop(index, frame.counting, completed=output is not None)
+            self.branches[index].flops = self._meter.flops[index]
+        if output is None:  # the forward raised; always_call only restores state
+            return None
+        context = frame.context
+        if frame.keep_rng is not None:
+            rng, device = frame.keep_rng
+            self._replays.keep(context, index, make_replay(output, rng, device))
+        if context.capture is not None and not frame.dropped and not frame.recompute:
+            out = hooks.first_tensor(output)
+            if out is not None:
+                context.capture.setdefault(index, []).append(out)
+        if frame.dropped and index == len(self.branches) - 1 and not frame.input_requires_grad:
+            return self._anchored(output)
+        return None
+
+    def _close_frames(self, context: ForwardContext) -> None:
+        """Close what a forward that raised between a span's first and last module left open.
+
+        Its FLOP counts are closed and the grad mode is restored, so the error leaks neither
+        a dispatch mode nor no-grad.
+        """
+        for index, frames in self._thread.frames.items():
+            while frames and frames[-1].context is context:
+                frame = frames.pop()
+                if frame.counting is not None:
+                    self._meter.stop(index, frame.counting, completed=False)
+                torch.set_grad_enabled(frame.grad_was_enabled)
 
     def _check_ddp_wrapper(self) -> None:
         """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""
@@ -158,63 +297,7 @@ class DropBPHandle:
         self._checked_ddp.add(id(active))
         require_find_unused(active)
 
-    def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._training_forward = False
-        # A forward that raised between a span's first and last module leaves frames
-        # behind: close their FLOP counters and restore the grad mode they saved, so the
-        # error leaks neither a dispatch mode nor no-grad.
-        for branch in self.branches:
-            while branch._frames:
-                frame = branch._frames.pop()
-                if frame.counter is not None:
-                    frame.counter.__exit__(None, None, None)
-                torch.set_grad_enabled(frame.grad_was_enabled)
-
-    def _pre_hook(self, branch: Branch, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if module.training and torch.is_grad_enabled() and torch.compiler.is_compiling():
-            _refuse_compile()  # a compiled layer inside an eager model
-        key = hooks.shape_key(args, kwargs)
-        counter = None
-        if key in branch._flops_by_shape:
-            branch.flops = branch._flops_by_shape[key]
-        else:  # counting runs the forward under a Python dispatch mode: do it once per shape
-            counter = flop_counter()
-            counter.__enter__()
-        grad = torch.is_grad_enabled()
-        masked = module.training and self._mask[branch.index]
-        dropped = grad and masked
-        x = hooks.first_input(args, kwargs)
-        frame = _Frame(grad, dropped, counter, key, bool(x is not None and x.requires_grad))
-        # Under reentrant checkpointing the first pass runs without grad, so keep on `masked`.
-        if masked and x is not None and self._will_recompute(branch):
-            frame.rng_before = hooks.rng_state(x.device)
-        branch._frames.append(frame)
-        if dropped:
-            torch.set_grad_enabled(False)
-
-    def _post_hook(self, branch: Branch, module: nn.Module, args: tuple, output: Any) -> Any:
-        frame: _Frame = branch._frames.pop()
-        if frame.dropped:
-            torch.set_grad_enabled(frame.grad_was_enabled)
-        if frame.counter is not None:
-            frame.counter.__exit__(None, None, None)
-            if output is not None:
-                branch.flops = int(frame.counter.get_total_flops())
-                if len(branch._flops_by_shape) >= _MAX_CACHED_SHAPES:
-                    branch._flops_by_shape.pop(next(iter(branch._flops_by_shape)))
-                branch._flops_by_shape[frame.key] = branch.flops
-        if output is None:  # the forward raised; always_call only restores state
-            return None
-        if frame.rng_before is not None and (out := hooks.first_tensor(output)) is not None:
-            device = out.device
-            hooks.install_replay(branch, output, frame.rng_before, hooks.rng_state(device), device)
-        if self._capture is not None and not frame.dropped:
-            self._capture[branch.index] = hooks.first_tensor(output)
-        if frame.dropped and branch.index == len(self.branches) - 1 and not frame.input_requires_grad:
-            return self._anchored(output)
-        return None
-
-    def _will_recompute(self, branch: Branch) -> bool:
+    def _will_recompute(self, index: int, context: ForwardContext) -> bool:
         """Whether gradient checkpointing will run this call again in backward.
 
         Reentrant checkpointing (its first pass runs without grad) recomputes the whole
@@ -222,14 +305,10 @@ class DropBPHandle:
         rebuilt, so it reaches a dropped branch only if a later branch of the same layer
         builds a graph; keeping an output nobody replays would only cost memory.
         """
-        if not (
-            self._replay_dropped
-            and self._training_forward
-            and any(owner.gradient_checkpointing is True and owner.training for owner in self._owners[branch.index])
-            and not hooks.in_backward()
-        ):
+        owner = self._owners[index]
+        if owner is None or owner.gradient_checkpointing is not True or not owner.training:
             return False
-        return not torch.is_grad_enabled() or any(not self._mask[j] for j in self._later_in_layer[branch.index])
+        return not torch.is_grad_enabled() or any(not context.mask[j] for j in self._later_in_layer[index])
 
     def _anchored(self, output: Any) -> Any:
         """Keep the loss differentiable when nothing trainable is left in this step's graph.
@@ -263,14 +342,17 @@ class DropBPHandle:
         Returns:
             The new mask, one bool per branch.
         """
-        self._mask = sample_mask(self.seed, self._step, self.drop_rates)
+        with self._lock:  # forwards in several threads each take their own step
+            step = self._step
+            mask = sample_mask(self.seed, step, self.drop_rates)
+            self._step += 1
+            self._mask = mask
+            self._counted_steps += 1
+            for i, dropped in enumerate(mask):
+                self._drop_counts[i] += dropped
         if self.check_ranks:
-            assert_same_on_all_ranks(self._step, self._mask)
-        self._step += 1
-        self._counted_steps += 1
-        for i, dropped in enumerate(self._mask):
-            self._drop_counts[i] += dropped
-        return list(self._mask)
+            assert_same_on_all_ranks(step, mask)
+        return list(mask)
 
     def drop_statistics(self, reset: bool = True) -> dict[str, float]:
         """What the masks sampled since the last reset actually dropped.
@@ -325,8 +407,13 @@ class DropBPHandle:
             branch.drop_rate = rate
 
     @property
+    def kept_for_replay(self) -> list[int]:
+        """Per branch, how many first-pass outputs wait for a checkpoint recompute to replay them."""
+        return self._replays.pending()
+
+    @property
     def flops(self) -> list[int | None]:
-        """Per-branch forward FLOPs at the last input shape (``None`` before a forward)."""
+        """Per-branch forward FLOPs at the last training input shape (``None`` before one)."""
         return [b.flops for b in self.branches]
 
     def dropped_flops_fraction(self, mask: Sequence[bool] | None = None) -> float:
@@ -342,14 +429,28 @@ class DropBPHandle:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Within this block, training forwards neither drop branches nor advance the masks."""
-        saved = self._mask
-        self._paused += 1
-        self._mask = [False] * len(self.branches)
+        with self._forced([False] * len(self.branches)):
+            yield
+
+    @contextlib.contextmanager
+    def _forced(self, mask: Sequence[bool]) -> Iterator[None]:
+        """Within this block, every training forward uses ``mask`` and the stream stays put."""
+        self._overrides.append(tuple(check_mask(mask, len(self.branches))))
         try:
             yield
         finally:
-            self._paused -= 1
-            self._mask = saved
+            self._overrides.pop()
+
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[Callable[[], ForwardContext | None]]:
+        """Record the branch outputs of the next training forward; yields a getter for them."""
+        self._capture_next, self._captured = True, None
+        try:
+            yield lambda: self._captured
+        finally:
+            if self._captured is not None:
+                self._captured.capture = None
+            self._capture_next, self._captured = False, None
 
     # ------------------------------------------------------------ sensitivity
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -386,47 +487,10 @@ class DropBPHandle:
             ValueError: If the model has no trainable parameters or is wrapped by FSDP1, the
                 closure's loss is not a differentiable scalar, or ``method`` is unknown (or
                 not ``"fast"`` under FSDP2).
+            DropBPError: Under reentrant gradient checkpointing that is not torch's own
+                ``checkpoint`` (which is switched to non-reentrant for the measurement).
         """
-        fsdp1, fsdp2 = fsdp_modules(self.model)
-        if fsdp1:
-            raise ValueError(FSDP1_SENSITIVITY_REFUSED)
-        if fsdp2 and method != "fast":
-            raise ValueError("under FSDP2 only method='fast' measures sensitivity; the naive check needs whole parameters")
-        params = self.trainable_parameters()
-        if not params:
-            raise ValueError("the model has no parameters that require grad; nothing to measure")
-        if method == "fast":
-            with self.paused():
-                self._capture = [None] * len(self.branches)
-                try:
-                    loss = closure()
-                    outputs = self._capture
-                finally:
-                    self._capture = None
-                with gathered(fsdp2) as gather:
-                    if fsdp2:  # the graph's leaves are the unsharded parameters, held only while gathered
-                        params = self.trainable_parameters()
-                    result = exact_sensitivity(loss, outputs, params, metric, before_backward=gather)
-                del loss, outputs
-        elif method == "naive":
-            # Each pass must see the same dropout draws as the first.
-            devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
-            with torch.random.fork_rng(devices=devices):
-                rng_state = torch.get_rng_state()
-                cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-
-                def loss_with_mask(mask: list[bool]) -> torch.Tensor:
-                    torch.set_rng_state(rng_state)
-                    for d, s in zip(devices, cuda_states):
-                        torch.cuda.set_rng_state(s, d)
-                    self._mask = mask
-                    return closure()
-
-                with self.paused():
-                    result = naive_sensitivity(loss_with_mask, len(self.branches), params, metric)
-        else:
-            raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
-        result = average_over_ranks(result, params[0].device)
+        result = measure_sensitivity(self, closure, metric, method)
         self.sensitivities = result
         return list(result)
 
@@ -467,7 +531,7 @@ class DropBPHandle:
         if missing:
             raise ValueError(
                 f"FLOPs of {len(missing)} branches are unknown (e.g. {missing[0]}); "
-                "run one forward of the model (or handle.sensitivity) first"
+                "run one training forward of the model (or handle.sensitivity) first"
             )
         return [b.flops for b in self.branches]  # type: ignore[misc]
 
@@ -509,7 +573,7 @@ class DropBPHandle:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume the exact mask sequence (JSON-serialisable)."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "branches": [b.name for b in self.branches],
             "seed": self.seed,
             "step": self._step,
@@ -519,37 +583,55 @@ class DropBPHandle:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore rates, sensitivities, seed and the step counter.
+        """Restore rates, sensitivities, seed, mask and the step counter, all or nothing.
 
         Raises:
-            ValueError: If the state was saved for a different set of branches.
+            ValueError: If the state is not a dict from :meth:`state_dict` of this library
+                version, misses a key, was saved for a different set of branches, or holds
+                a bad value. Nothing is changed then.
         """
-        names = [b.name for b in self.branches]
-        if list(state.get("branches", [])) != names:
+        if not isinstance(state, dict):
+            raise ValueError(f"DropBP state must be a dict from handle.state_dict(), got {type(state).__name__}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"DropBP state lacks {', '.join(missing)}; pass a dict saved by handle.state_dict()")
+        if state["version"] != STATE_VERSION:
             raise ValueError(
-                f"DropBP state is for {len(state.get('branches', []))} branches that differ from this model's "
+                f"DropBP state has version {state['version']!r}, this dropbp reads version {STATE_VERSION}; "
+                "save it again with this dropbp"
+            )
+        names = [b.name for b in self.branches]
+        if list(state["branches"]) != names:
+            raise ValueError(
+                f"DropBP state is for {len(state['branches'])} branches that differ from this model's "
                 f"{len(names)}; load it into the same architecture and branch patterns"
             )
         rates = check_rates(state["drop_rates"], len(names))
         mask = check_mask(state.get("mask", [False] * len(names)), len(names))
-        step = int(state["step"])
+        try:
+            step, seed = int(state["step"]), int(state["seed"])
+        except (TypeError, ValueError):
+            raise ValueError(f"DropBP state has a non-integer step or seed: {state['step']!r}, {state['seed']!r}") from None
         if step < 0:
             raise ValueError(f"DropBP state has a negative step {step}")
         sens = state.get("sensitivities")
-        self.sensitivities = None if sens is None else check_nonnegative(sens, "sensitivities")
-        self.seed = int(state["seed"])
+        if sens is not None:
+            sens = check_nonnegative(sens, "sensitivities")
+            if len(sens) != len(names):
+                raise ValueError(f"DropBP state has {len(sens)} sensitivities for {len(names)} branches")
+        # Everything is checked: now change the handle.
+        self.sensitivities = sens
+        self.seed = seed
         self._step = step
         self._mask = mask
         self.set_drop_rates(rates)
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as it was before :func:`apply`."""
-        for branch in self.branches:
-            hooks.unregister(branch)
-        for hook in self._root_hooks:
+        for hook in self._hook_handles:
             hook.remove()
-        if _HANDLES.get(self.model) is self:
-            del _HANDLES[self.model]
+        self._hook_handles = []
+        self._replays.remove()
 
     def __repr__(self) -> str:
         return (
@@ -558,16 +640,22 @@ class DropBPHandle:
         )
 
 
+def _handles_on(module: nn.Module) -> Iterator[DropBPHandle]:
+    for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        owner = getattr(hook, "__self__", hook)
+        if isinstance(owner, (hooks.RootHook, hooks.BranchHook, hooks.KeyHook)):
+            yield owner.handle
+
+
 def find_handle(model: nn.Module) -> DropBPHandle | None:
     """Return the handle attached to ``model``, to a module inside it, or to a module around it.
 
-    The Trainer callback uses this to skip applying twice when the user already called
-    :func:`apply` on, say, the base model inside a ``PeftModel``.
+    The handle is found through its hooks (the model holds them, so no registry keeps a
+    model alive). The Trainer callback uses this to skip applying twice when the user
+    already called :func:`apply` on, say, the base model inside a ``PeftModel``.
     """
-    if model in _HANDLES:
-        return _HANDLES[model]
-    for root, handle in list(_HANDLES.items()):
-        if any(m is root for m in model.modules()) or any(m is model for m in root.modules()):
+    for module in model.modules():
+        for handle in _handles_on(module):
             return handle
     return None
 
@@ -580,6 +668,7 @@ def apply(
     auto_step: bool = True,
     *,
     check_ranks: bool = False,
+    replay: bool = True,
 ) -> DropBPHandle:
     """Attach DropBP to a model.
 
@@ -594,6 +683,10 @@ def apply(
         check_ranks: Debug option for data-parallel runs: at every step, one all_gather
             checks that all ranks drew the same mask (they do by construction when seeds,
             rates and step counters agree).
+        replay: Under gradient checkpointing, return each dropped branch's first-pass output
+            in the backward's recompute instead of running the branch again. Exact (dropout
+            draws included); saves the dropped branches' forward FLOPs in the recompute at
+            the cost of keeping their outputs until it.
 
     Returns:
         The :class:`DropBPHandle`; ``handle.remove()`` undoes everything.
@@ -617,6 +710,6 @@ def apply(
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
     specs = resolve_branches(model, branches)
-    handle = DropBPHandle(model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks)
-    _HANDLES[model] = handle
-    return handle
+    return DropBPHandle(
+        model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks, replay=replay
+    )

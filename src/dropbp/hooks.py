@@ -1,27 +1,41 @@
-"""The no-grad branch mechanism: forward pre/post hooks on existing modules.
+"""The mechanism: forward pre/post hooks on existing modules, as small hook objects.
 
-A dropped branch runs its forward with grad mode off, so autograd builds no graph for it
-and saves none of its activations; its output enters the residual add as a constant, and
-the gradient flows through the skip path only. Nothing is wrapped or renamed: the module
-tree, ``state_dict()`` keys and ``forward``'s signature stay as they were. The one
-short-lived exception is the gradient-checkpointing replay (:func:`install_replay`).
+For one call of a branch in a training forward::
+
+    pre-hook:   decide = this forward's mask[branch];  if dropped: grad mode off
+    forward:    the branch runs; with grad off autograd builds no graph and saves nothing
+    post-hook:  restore grad mode
+
+The dropped branch's output then enters the residual add as a constant: the gradient
+flows through the skip path only. Nothing is wrapped or renamed; the module tree,
+``state_dict()`` keys and ``forward``'s signature stay as they were.
+
+The decision is read from the :class:`~dropbp.checkpointing.ForwardContext` of the
+training forward that makes the call: the root pre-hook creates it (and draws the mask),
+and a gradient-checkpointing recompute finds its own forward's context again through
+:class:`KeyHook` records. State that lives from a pre-hook to its post-hook is per thread.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from dropbp.checkpointing import ForwardContext, in_backward
+from dropbp.errors import DropBPError
 from dropbp.validation import check_rate
 
+if TYPE_CHECKING:
+    from dropbp.handle import DropBPHandle
+
 __all__ = [
-    "Branch", "Replay", "clear_replay", "first_input", "first_tensor", "in_backward", "install_replay", "register",
-    "replace_first_tensor", "rng_state", "shape_key", "unregister",
+    "Branch", "BranchHook", "Frame", "KeyHook", "RootHook", "ThreadState", "first_input", "first_tensor", "register",
+    "replace_first_tensor",
 ]
 
 
@@ -36,8 +50,8 @@ class Branch:
         index: Position in execution order.
         end_module: The module whose forward ends the branch (``module`` unless a span).
         modules: Every module of the branch (the siblings a span covers).
-        flops: FLOPs of one forward of this branch at the last input shape it saw, counted
-            with ``torch.utils.flop_counter``; ``None`` until it has run once.
+        flops: Forward FLOPs of this branch at the last training input shape, counted with
+            ``torch.utils.flop_counter``; ``None`` until a training forward has run it.
     """
 
     name: str
@@ -46,12 +60,7 @@ class Branch:
     end_module: nn.Module | None = None
     modules: tuple[nn.Module, ...] = ()
     flops: int | None = None
-    _drop_rate: float = 0.0
-    _flops_by_shape: dict[tuple, int] = field(default_factory=dict, repr=False)
-    _frames: list = field(default_factory=list, repr=False)
-    _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
-    _replay: Replay | None = field(default=None, repr=False)
-    _replay_blocked: bool = field(default=False, repr=False)
+    _drop_rate: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         if self.end_module is None:
@@ -80,22 +89,7 @@ class Branch:
         return f"Branch(name={self.name!r}, drop_rate={self._drop_rate:.3f}, flops={self.flops})"
 
 
-def _walk(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            if isinstance(item, torch.Tensor):
-                yield item
-
-
-def shape_key(args: tuple, kwargs: dict) -> tuple:
-    """Shapes of the tensor inputs (one level into tuples): FLOPs change only with these."""
-    key = [tuple(t.shape) for a in args for t in _walk(a)]
-    key += [(k, tuple(t.shape)) for k, v in kwargs.items() for t in _walk(v)]
-    return tuple(key)
-
-
+# ------------------------------------------------------------------ tensor helpers
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The tensor a branch adds to the residual stream: itself, or the first of a tuple.
 
@@ -124,133 +118,144 @@ def replace_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
     return type(value)([tensor, *value[1:]]) if isinstance(value, list) else (tensor, *value[1:])
 
 
-# -------------------------------------------------------------- checkpoint replay
-@dataclass
-class Replay:
-    """A dropped branch's first-pass output, kept for the gradient-checkpointing recompute.
+# ------------------------------------------------------------------ per-thread state
+class ThreadState(threading.local):
+    """What one thread's hooks hand each other; another thread's forwards never see it.
 
     Attributes:
-        output: What the branch returned in the first pass.
-        rng_before: RNG states before that call, or ``None`` if the call drew no random numbers.
-        rng_after: RNG states after that call (``None`` likewise).
-        saved_forward: An instance-level ``forward`` someone else had set, to restore.
-        shadow: The ``forward`` installed in its place.
+        active: One entry per root forward running in this thread: its context, or None
+            for a forward that trains nothing (eval mode, ``no_grad``, ``generate``).
+        frames: Branch index -> the open calls' :class:`Frame` (pre-hook to post-hook).
+        recompute: Branch index -> the forward whose recompute is running, in a backward.
+        task: The backward (graph task id) that will clear ``recompute`` when it ends.
     """
 
-    output: Any
-    rng_before: tuple[torch.Tensor, ...] | None
-    rng_after: tuple[torch.Tensor, ...] | None
-    saved_forward: Any = None
-    shadow: Any = None
+    def __init__(self) -> None:
+        self.active: list[ForwardContext | None] = []
+        self.frames: dict[int, list[Frame]] = {}
+        self.recompute: dict[int, ForwardContext] = {}
+        self.task: int | None = None
 
 
-def in_backward() -> bool:
-    """True while the autograd engine runs a backward (where checkpointing recomputes)."""
-    return torch._C._current_graph_task_id() != -1
+@dataclass
+class Frame:
+    """What a branch's pre-hook hands to its post-hook for one call."""
+
+    context: ForwardContext
+    grad_was_enabled: bool
+    dropped: bool
+    recompute: bool = False
+    counting: Any = None  # the open FLOP count, on the first call at a new training shape
+    keep_rng: tuple | None = None  # (RNG states, device) when the output is kept for a replay
+    input_requires_grad: bool = False
 
 
-def rng_state(device: torch.device) -> tuple[torch.Tensor, ...] | None:
-    """The generator states a branch on ``device`` can draw from; ``None`` if not tracked."""
-    if device.type == "cpu":
-        return (torch.get_rng_state(),)
-    if device.type == "cuda":
-        return (torch.get_rng_state(), torch.cuda.get_rng_state(device))
-    return None
+def _refuse_copy(module: nn.Module, owner: nn.Module) -> None:
+    if module is not owner and module.training and torch.is_grad_enabled():
+        raise DropBPError(
+            "the model was copied without its DropBP state (nn.DataParallel replicas share the hooks "
+            "across threads); train with torchrun and DistributedDataParallel, or copy.deepcopy the model"
+        )
 
 
-def _set_rng_state(states: tuple[torch.Tensor, ...], device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if len(states) > 1:
-        torch.cuda.set_rng_state(states[1], device)
+# ------------------------------------------------------------------ hook objects
+class RootHook:
+    """On the model DropBP was applied to: each training forward gets a new context."""
+
+    def __init__(self, handle: DropBPHandle):
+        self.handle = handle
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        handle = self.handle
+        _refuse_copy(module, handle.model)
+        state = handle._thread
+        if not module.training:
+            state.active.append(None)
+            return
+        if in_backward():  # the whole model is checkpointed and being recomputed
+            handle._enter_recompute(first_input(args, kwargs), handle._all_indices)
+            state.active.append(None)
+            return
+        state.active.append(handle._new_context() if torch.is_grad_enabled() else None)
+
+    def post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        handle = self.handle
+        state = handle._thread
+        context = state.active.pop() if state.active else None
+        if context is not None:
+            handle._close_frames(context)
 
 
-def _same_rng(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+class KeyHook:
+    """On the modules around and beside branches: links a recompute to its forward.
 
-
-def install_replay(
-    branch: Branch, output: Any, rng_before: tuple[torch.Tensor, ...], rng_after: tuple[torch.Tensor, ...],
-    device: torch.device,
-) -> None:
-    """Make the branch's next call inside a backward return ``output`` instead of running.
-
-    Gradient checkpointing recomputes a layer's forward in backward. A dropped branch's
-    output is a constant there, so recomputing it is wasted work: it is kept instead (one
-    tensor the size of the branch output until the recompute). A forward pre-hook cannot
-    skip the forward, so the module's ``forward`` is shadowed by an instance attribute
-    until the replay, the next training forward or ``remove()``.
-
-    The replay is exact: if the branch drew random numbers (dropout), the RNG is moved to
-    where the recomputed call would have left it, and only when the recompute starts from
-    the state the first pass started from (checkpointing's ``preserve_rng_state``);
-    otherwise the real forward runs. A branch called twice in one forward is not replayed.
+    In a training forward it records the module's first input; inside a backward (a
+    checkpoint recompute) it looks that input up, and the forward found there decides
+    for the ``covers`` branches until the recompute ends.
     """
-    if branch._replay_blocked:
-        return
-    if branch._replay is not None:  # which call a recompute would replay is ambiguous
-        clear_replay(branch)
-        branch._replay_blocked = True
-        return
-    module = branch.module
-    drew = not _same_rng(rng_before, rng_after)
-    replay = Replay(output, rng_before if drew else None, rng_after if drew else None, module.__dict__.get("forward"))
-    original = module.forward
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if branch._replay is not replay or not in_backward():
-            return original(*args, **kwargs)
-        clear_replay(branch)
-        if replay.rng_before is not None:
-            now = rng_state(device)
-            if now is None or not _same_rng(now, replay.rng_before):
-                return original(*args, **kwargs)
-            _set_rng_state(replay.rng_after, device)
-        return replay.output
+    def __init__(self, handle: DropBPHandle, covers: tuple[int, ...]):
+        self.handle = handle
+        self.covers = covers
 
-    forward.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature sees the real one
-    replay.shadow = forward
-    module.forward = forward
-    branch._replay = replay
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not module.training:
+            return
+        x = first_input(args, kwargs)
+        if x is None:
+            return
+        handle = self.handle
+        if in_backward():
+            handle._enter_recompute(x, self.covers)
+            return
+        context = handle._current_context()
+        if context is not None:
+            handle._keys.record(x, context)
 
 
-def clear_replay(branch: Branch, unblock: bool = False) -> None:
-    """Drop a kept output and restore the module's own ``forward``."""
-    replay, branch._replay = branch._replay, None
-    if unblock:
-        branch._replay_blocked = False
-    if replay is None:
-        return
-    module = branch.module
-    if module.__dict__.get("forward") is not replay.shadow:  # someone replaced it since: theirs now
-        return
-    if replay.saved_forward is None:
-        del module.__dict__["forward"]
-    else:
-        module.forward = replay.saved_forward
+class BranchHook:
+    """On a branch: its pre-hook decides and turns grad mode off, its post-hook restores it."""
+
+    def __init__(self, handle: DropBPHandle, index: int):
+        self.handle = handle
+        self.index = index
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not module.training:
+            return
+        handle, index = self.handle, self.index
+        recompute = in_backward()
+        context = handle._recompute_context(index) if recompute else handle._current_context()
+        if context is None:
+            return
+        grad = torch.is_grad_enabled()
+        dropped = context.mask[index]
+        frame = Frame(context, grad, dropped and grad, recompute=recompute)
+        if not recompute:
+            handle._first_pass_call(frame, index, args, kwargs)
+        handle._thread.frames.setdefault(index, []).append(frame)
+        if frame.dropped:
+            torch.set_grad_enabled(False)
+
+    def post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        frames = self.handle._thread.frames.get(self.index)
+        if not module.training or not frames:
+            return None
+        frame = frames.pop()
+        if frame.dropped:
+            torch.set_grad_enabled(frame.grad_was_enabled)
+        return self.handle._after_call(frame, self.index, output)
 
 
-def register(
-    branch: Branch,
-    pre: Callable[[Branch, nn.Module, tuple, dict], None],
-    post: Callable[[Branch, nn.Module, tuple, Any], Any],
-) -> None:
-    """Attach ``pre`` to the branch's first module and ``post`` to its last.
+def register(module: nn.Module, pre: Callable | None = None, post: Callable | None = None) -> list:
+    """Attach hook callables to ``module``; returns the removable handles.
 
     The post-hook is registered with ``always_call=True`` so grad mode is restored even
-    when the branch's forward raises.
+    when the forward raises; pre-hooks see keyword arguments too.
     """
-    branch._handles.append(
-        branch.module.register_forward_pre_hook(lambda m, a, k: pre(branch, m, a, k), with_kwargs=True)
-    )
-    branch._handles.append(
-        branch.end_module.register_forward_hook(lambda m, a, o: post(branch, m, a, o), always_call=True)
-    )
-
-
-def unregister(branch: Branch) -> None:
-    """Remove every hook :func:`register` attached to the branch."""
-    for handle in branch._handles:
-        handle.remove()
-    branch._handles.clear()
-    branch._frames.clear()
-    clear_replay(branch, unblock=True)
+    handles = []
+    if pre is not None:
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    if post is not None:
+        handles.append(module.register_forward_hook(post, always_call=True))
+    return handles
