@@ -1,9 +1,19 @@
-"""Input checks shared by the public API. Each raises one clear ValueError."""
+"""Input checks shared by the public API. Each raises one clear, one-line ValueError."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+
+def _as_list(values: object, name: str) -> list:
+    """Return the entries of a list-like ``values``; strings and non-iterables are refused."""
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError("a string is not a sequence of numbers here")
+        return list(values)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from None
 
 
 def check_rate(rate: float, name: str = "drop_rate") -> float:
@@ -27,9 +37,10 @@ def check_rates(rates: Sequence[float], length: int | None = None, name: str = "
     """Validate a per-branch rate list and return it as floats.
 
     Raises:
-        ValueError: On a wrong length, or any rate that is NaN or outside ``[0, 1)``.
+        ValueError: If ``rates`` is not a sequence, has the wrong length, or holds a rate
+            that is not a number, is NaN or lies outside ``[0, 1)``.
     """
-    values = list(rates)
+    values = _as_list(rates, name)
     if length is not None and len(values) != length:
         raise ValueError(f"expected {length} {name} (one per branch), got {len(values)}")
     return [check_rate(r, name=f"{name}[{i}]") for i, r in enumerate(values)]
@@ -39,11 +50,15 @@ def check_nonnegative(values: Sequence[float], name: str) -> list[float]:
     """Validate a list of finite, non-negative numbers (sensitivities, FLOPs).
 
     Raises:
-        ValueError: On a NaN, infinite or negative entry.
+        ValueError: If ``values`` is not a sequence, or an entry is not a number, or is
+            NaN, infinite or negative.
     """
     out = []
-    for i, v in enumerate(values):
-        value = float(v)
+    for i, v in enumerate(_as_list(values, name)):
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{i}] must be a number, got {v!r}") from None
         if math.isnan(value) or math.isinf(value) or value < 0:
             raise ValueError(f"{name}[{i}] must be finite and >= 0, got {v!r}")
         out.append(value)
@@ -51,12 +66,27 @@ def check_nonnegative(values: Sequence[float], name: str) -> list[float]:
 
 
 def check_mask(mask: Sequence[bool], length: int) -> list[bool]:
-    """Validate a forced drop mask.
+    """Validate a forced drop mask (True = the branch's backward is dropped).
+
+    Entries may be bools or the numbers 0 and 1 (ints, floats, numpy or 0-d torch
+    values); anything else, such as a drop rate passed by mistake, is refused.
 
     Raises:
-        ValueError: If its length differs from the number of branches.
+        ValueError: If ``mask`` is not a sequence, its length differs from the number of
+            branches, or an entry is not a bool, 0 or 1.
     """
-    values = [bool(m) for m in mask]
+    values = []
+    for i, m in enumerate(_as_list(mask, "mask")):
+        if isinstance(m, bool):
+            values.append(m)
+            continue
+        try:
+            number = float(m)
+        except (TypeError, ValueError):
+            number = math.nan
+        if number not in (0.0, 1.0):
+            raise ValueError(f"mask[{i}] must be a bool (True = dropped), 0 or 1, got {m!r}")
+        values.append(number == 1.0)
     if len(values) != length:
         raise ValueError(f"mask has {len(values)} entries but there are {length} branches")
     return values
