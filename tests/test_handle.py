@@ -342,3 +342,28 @@ def test_an_error_inside_a_span_restores_grad_mode_and_dispatch_modes():
     model.fail = False
     model(torch.randn(2, 4)).backward()
     assert model.fc1.weight.grad is None and model.fc2.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("seed"), "lacks seed"),
+        (lambda s: s.update(version=99), "version 99"),
+        (lambda s: s.update(step=-1), "negative step"),
+        (lambda s: s.update(drop_rates=[0.5]), "expected 6 drop rates"),
+        (lambda s: s.update(sensitivities=[1.0]), "1 sensitivities for 6 branches"),
+        (lambda s: s.update(seed="x"), "non-integer step or seed"),
+        (lambda s: s.update(branches=["a"]), "differ from this model"),
+    ],
+)
+def test_a_bad_state_changes_nothing(llama, change, message):
+    handle = dropbp.apply(llama, seed=4)
+    handle.set_drop_rates([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    handle.sensitivities = [1.0] * 6
+    handle.step()
+    before = handle.state_dict()
+    state = {**before, "seed": 9, "step": 7, "sensitivities": [2.0] * 6, "drop_rates": [0.0] * 6}
+    change(state)
+    with pytest.raises(ValueError, match=message):
+        handle.load_state_dict(state)
+    assert handle.state_dict() == before

@@ -91,3 +91,40 @@ def test_a_loss_that_reaches_none_of_the_parameters_is_refused(llama, batch):
     stranger = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="no gradient reaches the trainable parameters"):
         exact_sensitivity(loss, [[]], [stranger])
+
+
+class TwiceCalled(torch.nn.Module):
+    """One MLP branch applied twice (weight sharing), plus a second, ordinary branch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+        self.other = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = x + self.mlp(x)
+        h = h + self.other(h)
+        h = h + self.mlp(torch.sin(h))
+        return self.head(h).pow(2).mean()
+
+
+def test_a_branch_called_twice_is_measured_exactly():
+    """Both calls are dropped together; 'fast' must equal the definition, not keep the last call."""
+    model = TwiceCalled()
+    handle = dropbp.apply(model, branches=["mlp", "other"])
+    x = torch.randn(5, 8)
+    naive = handle.sensitivity(lambda: model(x), method="naive")
+    fast = handle.sensitivity(lambda: model(x), method="fast")
+    assert fast == pytest.approx(naive, rel=1e-5)
+    assert naive[0] > 0 and naive[1] > 0
+
+
+def test_sensitivity_leaves_the_global_rng_where_it_was(llama, batch):
+    llama.config.attention_dropout = 0.2
+    handle = dropbp.apply(llama)
+    llama.train()
+    before = torch.get_rng_state()
+    handle.sensitivity(lambda: llama(batch, labels=batch).loss)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -1,0 +1,147 @@
+"""The hook objects: copies, garbage collection, threads and replicas."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import dropbp
+from dropbp.reference import detach_branches
+
+
+def grads_of(model, x) -> dict[str, torch.Tensor | None]:
+    model.zero_grad(set_to_none=True)
+    model(x, labels=x).loss.backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def reference_grads(model, names: list[str], mask: list[bool], x) -> dict[str, torch.Tensor | None]:
+    reference = copy.deepcopy(model)
+    dropbp.find_handle(reference).remove()
+    reference.train()
+    with detach_branches([reference.get_submodule(n) for n in names], mask):
+        return grads_of(reference, x)
+
+
+def assert_same(got: dict, expected: dict) -> None:
+    for name, want in expected.items():
+        assert (want is None) == (got[name] is None), name
+        if want is not None:
+            torch.testing.assert_close(got[name], want, msg=name)
+
+
+def test_a_deep_copy_gets_its_own_working_handle(batch):
+    model = tiny_llama()
+    model.train()
+    handle = dropbp.apply(model, auto_step=False, seed=5)
+    handle.set_mask([True, False] * 3)
+    model(batch, labels=batch).loss.backward()  # some history to copy: FLOPs, mask, step
+
+    clone = copy.deepcopy(model)
+    clone_handle = dropbp.find_handle(clone)
+    assert clone_handle is not None and clone_handle is not handle
+    assert clone_handle.model is clone
+    assert [b.module for b in clone_handle.branches] == [clone.get_submodule(b.name) for b in handle.branches]
+    assert clone_handle.mask == handle.mask and clone_handle.seed == 5 and clone_handle.flops == handle.flops
+    with pytest.raises(ValueError, match="already applied"):
+        dropbp.apply(clone)
+
+    # Each follows its own mask.
+    names = [b.name for b in handle.branches]
+    handle.set_mask([False, True] * 3)
+    clone_handle.set_mask([True, True, False, False, True, False])
+    assert_same(grads_of(clone, batch), reference_grads(clone, names, clone_handle.mask, batch))
+    assert_same(grads_of(model, batch), reference_grads(model, names, handle.mask, batch))
+
+    clone_handle.remove()  # the original keeps working
+    assert dropbp.find_handle(clone) is None
+    assert_same(grads_of(model, batch), reference_grads(model, names, handle.mask, batch))
+
+
+def test_a_model_with_dropbp_is_garbage_collected(batch):
+    model = tiny_llama()
+    model.train()
+    handle = dropbp.apply(model)
+    model(batch, labels=batch).loss.backward()
+    dead = weakref.ref(model)
+    del model, handle
+    gc.collect()
+    assert dead() is None
+
+
+def test_find_handle_sees_the_handle_from_inside_and_outside():
+    model = tiny_llama()
+    handle = dropbp.apply(model.model, branches=["layers.*.self_attn", "layers.*.mlp"])  # the body inside the LM
+    assert dropbp.find_handle(model) is handle
+    assert dropbp.find_handle(model.model.layers[0]) is handle
+    handle.remove()
+    assert dropbp.find_handle(model) is None
+
+
+def test_forwards_in_several_threads_each_get_their_own_state(batch):
+    """Concurrent training forwards: no crash, grad mode restored, each gradient exact."""
+    model = tiny_llama()
+    model.train()
+    handle = dropbp.apply(model, auto_step=False)
+    handle.set_mask([True, False, False, True, True, False])
+    names = [b.name for b in handle.branches]
+    params = [p for p in model.parameters()]
+    expected = reference_grads(model, names, handle.mask, batch)
+
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                loss = model(batch, labels=batch).loss
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                results.append((torch.is_grad_enabled(), grads))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 20
+    for grad_enabled, grads in results:
+        assert grad_enabled
+        assert_same(dict(zip(expected, grads)), expected)
+
+
+def test_auto_step_in_threads_takes_each_step_once(batch):
+    model = tiny_llama()
+    model.train()
+    handle = dropbp.apply(model)
+
+    def work():
+        for _ in range(10):
+            model(batch, labels=batch)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert handle.step_count == 30
+
+
+def test_a_shallow_replica_is_refused_as_data_parallel_would_make_it(batch):
+    """nn.DataParallel runs shallow replicas that share the hooks in threads: refused clearly."""
+    model = tiny_llama()
+    model.train()
+    dropbp.apply(model)
+    replica = model._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DropBP: the model was copied without its DropBP state"):
+        replica(batch, labels=batch)
+    replica.eval()
+    with torch.no_grad():  # inference on a replica is untouched
+        assert torch.equal(replica(batch).logits, model.eval()(batch).logits)
