@@ -307,11 +307,16 @@ def raise_ambiguous(branch: str, contexts: list[ForwardContext]) -> None:
 
 # ------------------------------------------------------------- reentrant checkpointing
 def _uses_reentrant(function: Any) -> bool:
-    """Whether a Hugging Face ``_gradient_checkpointing_func`` checkpoints reentrantly."""
-    keywords = getattr(function, "keywords", None)
-    if getattr(function, "func", None) is not torch.utils.checkpoint.checkpoint or keywords is None:
-        return function is torch.utils.checkpoint.checkpoint  # torch's default is reentrant
-    return keywords.get("use_reentrant", True) is not False
+    """Whether a Hugging Face ``_gradient_checkpointing_func`` may checkpoint reentrantly.
+
+    torch's ``checkpoint`` is reentrant unless told otherwise; a function of another
+    library (DeepSpeed's, say) is taken to be reentrant, since nothing tells.
+    """
+    if function is torch.utils.checkpoint.checkpoint:
+        return True
+    if getattr(function, "func", None) is not torch.utils.checkpoint.checkpoint:
+        return True
+    return (getattr(function, "keywords", None) or {}).get("use_reentrant", True) is not False
 
 
 def reentrant_checkpointing(model: nn.Module) -> list[nn.Module]:

@@ -42,7 +42,19 @@ class DropBPConfig:
         metadata={"help": "fnmatch patterns of residual-branch module names; None auto-detects."},
     )
     auto_step: bool = field(
-        default=True, metadata={"help": "Sample a new mask at every training forward of the model."}
+        default=True,
+        metadata={
+            "help": "True: every training forward (each micro-batch) samples its own mask. False: one mask per "
+            "optimizer step, shared by its micro-batches (the Trainer callback steps it; with dropbp.apply, "
+            "call handle.step())."
+        },
+    )
+    replay: bool = field(
+        default=True,
+        metadata={
+            "help": "Under gradient checkpointing, replay a dropped branch's first-pass output in the recompute "
+            "instead of running it again (exact; saves its forward FLOPs, keeps its output until then)."
+        },
     )
     allocation: Literal["exact", "greedy"] = field(
         default="exact", metadata={"help": "Drop-rate allocation: exact water-filling or the paper's greedy."}

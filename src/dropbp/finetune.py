@@ -231,7 +231,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     handle = None
     if cfg.use_dropbp:
         d = cfg.dropbp
-        handle = dropbp.apply(model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches)
+        handle = dropbp.apply(
+            model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step, replay=d.replay
+        )
 
     with _AtomicDir(final) as out:
         _write_json(out / "config.json", cfg.to_dict())
@@ -251,6 +253,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
             for step in bar:
                 batch = collate(next(stream), pad)
                 t0 = time.perf_counter()
+                if handle is not None and not handle.auto_step:
+                    handle.step()
                 with ActivationMeter(params) as meter:
                     loss = model(**batch).loss
                 activation_bytes = meter.held_bytes

@@ -171,3 +171,42 @@ def test_torch_compile_is_refused_at_train_begin(tmp_path):
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[DropBPCallback()])
     with pytest.raises(ValueError, match="DropBP does not support torch.compile"):
         trainer.train()
+
+
+def test_one_mask_per_optimizer_step_with_auto_step_off(tmp_path):
+    model = tiny_llama()
+    masks = MaskLog(model)
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=None, auto_step=False)
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(), callbacks=[callback]).train()
+    assert callback.handle.step_count == 6 == len(masks.masks)  # 2 micro-batches share each mask
+
+
+def test_reentrant_checkpointing_with_lora_measures_sensitivity(tmp_path):
+    """PEFT's kbit preparation turns on reentrant checkpointing; the measurement still works."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    args = training_args(tmp_path, gradient_checkpointing=True,
+                         gradient_checkpointing_kwargs={"use_reentrant": True})
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.3)
+    Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[callback]).train()
+    assert callback.handle.sensitivities is not None and any(s > 0 for s in callback.handle.sensitivities)
+    assert callback.handle.dropped_flops_fraction() == pytest.approx(0.5)
+
+
+def test_a_checkpointing_function_that_cannot_run_autograd_grad_fails_at_train_begin(tmp_path):
+    import functools
+
+    def custom_checkpoint(function, *args, **kwargs):  # e.g. a framework's own reentrant variant
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True, **kwargs)
+
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = functools.partial(custom_checkpoint)
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(), callbacks=[callback])
+    with pytest.raises(RuntimeError, match="DropBP: sensitivity_at needs torch.autograd.grad.*custom_checkpoint"):
+        trainer.train()
+    assert trainer.state.global_step == 0

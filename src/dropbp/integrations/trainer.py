@@ -10,7 +10,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from dropbp.checkpointing import reentrant_checkpointing, unswitchable_checkpointing
 from dropbp.config import DropBPConfig
+from dropbp.errors import DropBPError
 from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
 from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
 
@@ -33,7 +35,12 @@ class DropBPCallback(TrainerCallback, ExportableState):
     """Apply DropBP inside a Hugging Face ``Trainer`` (or TRL ``SFTTrainer``).
 
     - At train begin it applies DropBP to the model, unless :func:`dropbp.apply` already did.
-      Every micro-batch's training forward samples its own mask.
+      Every micro-batch's training forward samples its own mask (``auto_step=False``: one
+      mask per optimizer step, shared by its micro-batches).
+    - Settings that would fail later fail at train begin: ``torch_compile``, FSDP1 or a
+      reentrant checkpointing function other than torch's with ``sensitivity_at`` set.
+      torch's reentrant checkpointing (PEFT's ``prepare_model_for_kbit_training`` default)
+      is switched to non-reentrant for the sensitivity measurement only.
     - After ``sensitivity_at * max_steps`` optimizer steps it measures each branch's
       sensitivity on the last ``sensitivity_batches`` training batches (averaged, and
       averaged over ranks) and allocates per-branch rates for the target ``drop_rate``.
@@ -106,17 +113,32 @@ class DropBPCallback(TrainerCallback, ExportableState):
         handle = find_handle(model)
         if handle is None:
             cfg = self.config
-            handle = apply(model, drop_rate=cfg.drop_rate, seed=cfg.seed, branches=cfg.branches, auto_step=True)
+            handle = apply(
+                model, drop_rate=cfg.drop_rate, seed=cfg.seed, branches=cfg.branches, auto_step=cfg.auto_step,
+                replay=cfg.replay,
+            )
         self.handle = handle
         saved = self._saved_state(state)
         if state.global_step > 0 and saved.get("handle_state"):
             handle.load_state_dict(saved["handle_state"])
             self._measured = bool(saved.get("measured"))
         if self.config.sensitivity_at is not None and not self._measured:
-            if fsdp_modules(model)[0]:  # fail now, not after sensitivity_at of the run
+            # Fail now, not after sensitivity_at of the run.
+            if fsdp_modules(model)[0]:
                 raise ValueError(FSDP1_SENSITIVITY_REFUSED)
+            problem = unswitchable_checkpointing(model) if reentrant_checkpointing(model) else None
+            if problem is not None:
+                raise DropBPError(
+                    f"sensitivity_at needs torch.autograd.grad, which reentrant gradient checkpointing does not "
+                    f"support, and {problem}; use gradient_checkpointing_kwargs={{'use_reentrant': False}} or "
+                    "sensitivity_at=None"
+                )
             self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
         handle.drop_statistics(reset=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.handle is not None and not self.config.auto_step:
+            self.handle.step()  # one mask for every micro-batch of this optimizer step
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._measured or self.config.sensitivity_at is None or self.handle is None:
