@@ -240,3 +240,14 @@ def test_a_deep_copy_made_between_forward_and_backward_is_refused_while_outputs_
         copy.deepcopy(model)
     loss.backward()
     copy.deepcopy(model)  # fine once the recompute has replayed them
+
+
+def test_kept_bytes_are_the_dropped_outputs_until_the_recompute():
+    model, handle = build("reentrant", auto_step=False)
+    handle.set_mask([True, False] * LAYERS)  # every attention dropped: each keeps its output
+    x = batches()[0]
+    loss = loss_of(model, x)
+    hidden = model.config.hidden_size * x.numel() * 4  # one fp32 attention output per layer
+    assert handle.kept_for_replay_bytes() == LAYERS * hidden
+    loss.backward()
+    assert handle.kept_for_replay_bytes() == 0

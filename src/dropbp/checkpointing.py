@@ -288,6 +288,19 @@ class Replays:
         """Per branch, how many kept outputs wait for a recompute."""
         return list(self._pending)
 
+    def kept_bytes(self, contexts: list[ForwardContext]) -> int:
+        """Bytes of the kept outputs of ``contexts`` (each storage once)."""
+        storages: dict[tuple, int] = {}
+        with self._lock:
+            for context in contexts:
+                for replay in context.kept.values():
+                    values = replay.output if isinstance(replay.output, (tuple, list)) else (replay.output,)
+                    for t in values:
+                        if isinstance(t, torch.Tensor):
+                            storage = t.untyped_storage()
+                            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
+
 
 def make_replay(output: Any, rng_before: tuple, device: torch.device) -> Replay:
     """A :class:`Replay` of ``output``, recording RNG states only if the call drew from them."""

@@ -411,6 +411,10 @@ class DropBPHandle:
         """Per branch, how many first-pass outputs wait for a checkpoint recompute to replay them."""
         return self._replays.pending()
 
+    def kept_for_replay_bytes(self) -> int:
+        """Bytes held by the outputs kept for checkpoint replays (each storage counted once)."""
+        return self._replays.kept_bytes(self._keys.live_contexts())
+
     @property
     def flops(self) -> list[int | None]:
         """Per-branch forward FLOPs at the last training input shape (``None`` before one)."""
