@@ -16,10 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
 from dropbp.architectures import BranchSpec, resolve_branches
-from dropbp.checkpointing import ForwardContext, RecomputeKeys, Replays, make_replay, raise_ambiguous, rng_state
 from dropbp.distributed import assert_same_on_all_ranks, require_find_unused
 from dropbp.errors import DropBPError
 from dropbp.flops import FlopMeter
+from dropbp.forwards import COMPILE_REFUSED, Forwards
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
 from dropbp.sensitivity import Metric, measure_sensitivity
@@ -29,23 +29,6 @@ __all__ = ["COMPILE_REFUSED", "DropBPHandle", "apply", "find_handle"]
 
 STATE_VERSION = 1
 _STATE_KEYS = ("version", "branches", "seed", "step", "drop_rates")
-
-
-COMPILE_REFUSED = (
-    "DropBP does not support torch.compile for training: a compiled graph fixes which branches build a "
-    "backward, so it would either recompile for every new mask or compute wrong gradients; train the model "
-    "uncompiled (HF Trainer: torch_compile=False), or call handle.remove() before compiling"
-)
-
-
-def _refuse_compile() -> None:
-    """Fail the compilation itself; an exception raised in traced code would only break the graph."""
-    from torch._dynamo.comptime import comptime
-
-    def fail(ctx: Any) -> None:
-        raise RuntimeError(COMPILE_REFUSED)
-
-    comptime(fail)
 
 
 def _checkpointing_owner(model: nn.Module, name: str) -> nn.Module | None:
@@ -122,18 +105,9 @@ class DropBPHandle:
 
     def _init_runtime(self) -> None:
         """The per-process state a copy of the handle must not share."""
-        self._thread = hooks.ThreadState()
-        self._keys = RecomputeKeys()
-        self._replays = Replays(
-            [b.module if b.end_module is b.module else None for b in self.branches], self._replay_context
-        )
         self._lock = threading.Lock()
         self._overrides: list[tuple[bool, ...]] = []
-        self._standing: ForwardContext | None = None
-        self._capture_next = False
-        self._captured: ForwardContext | None = None
-        self._checked_ddp: set[int] = set()
-        self._anchor: torch.Tensor | None = None
+        self._forwards = Forwards(self)
 
     def _register_hooks(self, specs: list[BranchSpec]) -> list:
         model = self.model
@@ -158,172 +132,19 @@ class DropBPHandle:
     def __deepcopy__(self, memo: dict) -> DropBPHandle:
         # Reached through the hooks when the model is deep-copied: the copy gets its own
         # handle (same rates, seed and step) on the copied modules.
-        if any(self._replays.shadowed()):
+        if any(self._forwards.replays.shadowed()):
             raise DropBPError(
                 "cannot copy the model while outputs are kept for a gradient-checkpointing recompute; "
                 "copy it before the training forward or after its backward"
             )
         clone = object.__new__(DropBPHandle)
         memo[id(self)] = clone
-        runtime = {"_thread", "_keys", "_replays", "_lock", "_overrides", "_standing", "_capture_next", "_captured",
-                   "_checked_ddp", "_anchor"}
+        runtime = {"_lock", "_overrides", "_forwards"}
         for name, value in self.__dict__.items():
             if name not in runtime:
                 setattr(clone, name, copy.deepcopy(value, memo))
         clone._init_runtime()
         return clone
-
-    # ------------------------------------------------------------ hook callbacks
-    def _new_context(self) -> ForwardContext:
-        """The context of a training forward of the root module, with its mask."""
-        if torch.compiler.is_compiling():
-            _refuse_compile()
-        self._check_ddp_wrapper()
-        if self._overrides:
-            mask = self._overrides[-1]
-        elif self.auto_step:
-            mask = tuple(self.step())
-        else:
-            mask = tuple(self._mask)
-        context = ForwardContext(mask)
-        if self._capture_next:
-            self._capture_next = False
-            context.capture = {}
-            self._captured = context
-        return context
-
-    def _current_context(self) -> ForwardContext | None:
-        """The training forward a first-pass call belongs to, or None if nothing trains."""
-        active = self._thread.active
-        if active:
-            return active[-1]
-        if not torch.is_grad_enabled():
-            return None
-        # A branch called without the root's hooks (a layer called directly): the standing mask.
-        mask = self._overrides[-1] if self._overrides else tuple(self._mask)
-        if self._standing is None or self._standing.mask != mask:
-            self._standing = ForwardContext(mask)
-        return self._standing
-
-    def _enter_recompute(self, x: torch.Tensor | None, covers: tuple[int, ...]) -> None:
-        """In a backward: if ``x`` was a training forward's input, its recompute starts here."""
-        found = self._keys.lookup(x) if x is not None else []
-        if not found:
-            return
-        first = found[0]
-        for other in found[1:]:  # one tensor fed several forwards: they must agree here
-            if any(other.mask[i] != first.mask[i] or i in other.kept or i in first.kept for i in covers):
-                raise_ambiguous(self.branches[covers[0]].name, found)
-        state = self._thread
-        state.recompute.update(dict.fromkeys(covers, first))
-        task = torch._C._current_graph_task_id()
-        if state.task != task:  # forget at the end of this backward which forward it recomputed
-            state.task = task
-            recompute = state.recompute
-            torch.autograd.Variable._execution_engine.queue_callback(recompute.clear)
-
-    def _recompute_context(self, index: int) -> ForwardContext | None:
-        """The training forward whose recompute calls branch ``index`` now (in a backward)."""
-        context = self._thread.recompute.get(index)
-        if context is not None:
-            return context
-        live = self._keys.live_contexts()
-        if not live:
-            return None  # not the recompute of a training forward
-        if all(c.mask[index] == live[0].mask[index] and index not in c.kept for c in live):
-            return live[0]
-        raise_ambiguous(self.branches[index].name, live)
-        return None
-
-    def _replay_context(self, index: int) -> ForwardContext | None:
-        return self._thread.recompute.get(index)
-
-    def _first_pass_call(self, frame: hooks.Frame, index: int, args: tuple, kwargs: dict) -> None:
-        """Bookkeeping for a branch call in a training forward (not in its recompute)."""
-        context = frame.context
-        if frame.grad_was_enabled and torch.compiler.is_compiling():
-            _refuse_compile()  # a compiled layer inside an eager model
-        calls = context.calls[index] = context.calls.get(index, 0) + 1
-        if calls > 1:  # which call a recompute asks for is ambiguous: run the branch again there
-            self._replays.discard(context, index)
-        frame.counting = self._meter.start(index, args, kwargs)
-        self.branches[index].flops = self._meter.flops[index]
-        x = hooks.first_input(args, kwargs)
-        if x is None:
-            return
-        frame.input_requires_grad = x.requires_grad
-        if calls == 1 and context.mask[index] and self.replay and self._will_recompute(index, context):
-            rng = rng_state(x.device)
-            if rng is not None:
-                frame.keep_rng = (rng, x.device)
-
-    def _after_call(self, frame: hooks.Frame, index: int, output: Any) -> Any:
-        """The post-hook's work once grad mode is restored; may return a replacement output."""
-        if frame.counting is not None:
-            self._meter.stop(index, frame.counting, completed=output is not None)
-            self.branches[index].flops = self._meter.flops[index]
-        if output is None:  # the forward raised; always_call only restores state
-            return None
-        context = frame.context
-        if frame.keep_rng is not None:
-            rng, device = frame.keep_rng
-            self._replays.keep(context, index, make_replay(output, rng, device))
-        if context.capture is not None and not frame.dropped and not frame.recompute:
-            out = hooks.first_tensor(output)
-            if out is not None:
-                context.capture.setdefault(index, []).append(out)
-        if frame.dropped and index == len(self.branches) - 1 and not frame.input_requires_grad:
-            return self._anchored(output)
-        return None
-
-    def _close_frames(self, context: ForwardContext) -> None:
-        """Close what a forward that raised between a span's first and last module left open.
-
-        Its FLOP counts are closed and the grad mode is restored, so the error leaks neither
-        a dispatch mode nor no-grad.
-        """
-        for index, frames in self._thread.frames.items():
-            while frames and frames[-1].context is context:
-                frame = frames.pop()
-                if frame.counting is not None:
-                    self._meter.stop(index, frame.counting, completed=False)
-                torch.set_grad_enabled(frame.grad_was_enabled)
-
-    def _check_ddp_wrapper(self) -> None:
-        """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""
-        active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
-        if active is None or id(active) in self._checked_ddp:
-            return
-        self._checked_ddp.add(id(active))
-        require_find_unused(active)
-
-    def _will_recompute(self, index: int, context: ForwardContext) -> bool:
-        """Whether gradient checkpointing will run this call again in backward.
-
-        Reentrant checkpointing (its first pass runs without grad) recomputes the whole
-        layer. Non-reentrant checkpointing stops once the tensors the backward needs are
-        rebuilt, so it reaches a dropped branch only if a later branch of the same layer
-        builds a graph; keeping an output nobody replays would only cost memory.
-        """
-        owner = self._owners[index]
-        if owner is None or owner.gradient_checkpointing is not True or not owner.training:
-            return False
-        return not torch.is_grad_enabled() or any(not context.mask[j] for j in self._later_in_layer[index])
-
-    def _anchored(self, output: Any) -> Any:
-        """Keep the loss differentiable when nothing trainable is left in this step's graph.
-
-        If every trainable branch was dropped and nothing below requires grad (LoRA on
-        attention and MLP only), the loss would have no ``grad_fn`` and ``loss.backward()``
-        would raise. Adding a zero-valued leaf to the last branch's output keeps the
-        backward legal; no parameter receives a gradient from it.
-        """
-        out = hooks.first_tensor(output)
-        if out is None or not out.is_floating_point():
-            return None
-        if self._anchor is None:
-            self._anchor = torch.zeros((), requires_grad=True)
-        return hooks.replace_first_tensor(output, out + self._anchor.to(dtype=out.dtype, device=out.device))
 
     # ------------------------------------------------------------------ masks
     @property
@@ -409,11 +230,11 @@ class DropBPHandle:
     @property
     def kept_for_replay(self) -> list[int]:
         """Per branch, how many first-pass outputs wait for a checkpoint recompute to replay them."""
-        return self._replays.pending()
+        return self._forwards.replays.pending()
 
     def kept_for_replay_bytes(self) -> int:
         """Bytes held by the outputs kept for checkpoint replays (each storage counted once)."""
-        return self._replays.kept_bytes(self._keys.live_contexts())
+        return self._forwards.replays.kept_bytes(self._forwards.keys.live_contexts())
 
     @property
     def flops(self) -> list[int | None]:
@@ -444,17 +265,6 @@ class DropBPHandle:
             yield
         finally:
             self._overrides.pop()
-
-    @contextlib.contextmanager
-    def _capturing(self) -> Iterator[Callable[[], ForwardContext | None]]:
-        """Record the branch outputs of the next training forward; yields a getter for them."""
-        self._capture_next, self._captured = True, None
-        try:
-            yield lambda: self._captured
-        finally:
-            if self._captured is not None:
-                self._captured.capture = None
-            self._capture_next, self._captured = False, None
 
     # ------------------------------------------------------------ sensitivity
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -635,7 +445,7 @@ class DropBPHandle:
         for hook in self._hook_handles:
             hook.remove()
         self._hook_handles = []
-        self._replays.remove()
+        self._forwards.replays.remove()
 
     def __repr__(self) -> str:
         return (

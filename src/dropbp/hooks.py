@@ -168,22 +168,22 @@ class RootHook:
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         handle = self.handle
         _refuse_copy(module, handle.model)
-        state = handle._thread
+        state = handle._forwards.thread
         if not module.training:
             state.active.append(None)
             return
         if in_backward():  # the whole model is checkpointed and being recomputed
-            handle._enter_recompute(first_input(args, kwargs), handle._all_indices)
+            handle._forwards.enter_recompute(first_input(args, kwargs), handle._all_indices)
             state.active.append(None)
             return
-        state.active.append(handle._new_context() if torch.is_grad_enabled() else None)
+        state.active.append(handle._forwards.new_context() if torch.is_grad_enabled() else None)
 
     def post(self, module: nn.Module, args: tuple, output: Any) -> None:
         handle = self.handle
-        state = handle._thread
+        state = handle._forwards.thread
         context = state.active.pop() if state.active else None
         if context is not None:
-            handle._close_frames(context)
+            handle._forwards.close_frames(context)
 
 
 class KeyHook:
@@ -206,11 +206,11 @@ class KeyHook:
             return
         handle = self.handle
         if in_backward():
-            handle._enter_recompute(x, self.covers)
+            handle._forwards.enter_recompute(x, self.covers)
             return
-        context = handle._current_context()
+        context = handle._forwards.current_context()
         if context is not None:
-            handle._keys.record(x, context)
+            handle._forwards.keys.record(x, context)
 
 
 class BranchHook:
@@ -225,26 +225,26 @@ class BranchHook:
             return
         handle, index = self.handle, self.index
         recompute = in_backward()
-        context = handle._recompute_context(index) if recompute else handle._current_context()
+        context = handle._forwards.recompute_context(index) if recompute else handle._forwards.current_context()
         if context is None:
             return
         grad = torch.is_grad_enabled()
         dropped = context.mask[index]
         frame = Frame(context, grad, dropped and grad, recompute=recompute)
         if not recompute:
-            handle._first_pass_call(frame, index, args, kwargs)
-        handle._thread.frames.setdefault(index, []).append(frame)
+            handle._forwards.first_pass_call(frame, index, args, kwargs)
+        handle._forwards.thread.frames.setdefault(index, []).append(frame)
         if frame.dropped:
             torch.set_grad_enabled(False)
 
     def post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        frames = self.handle._thread.frames.get(self.index)
+        frames = self.handle._forwards.thread.frames.get(self.index)
         if not module.training or not frames:
             return None
         frame = frames.pop()
         if frame.dropped:
             torch.set_grad_enabled(frame.grad_was_enabled)
-        return self.handle._after_call(frame, self.index, output)
+        return self.handle._forwards.after_call(frame, self.index, output)
 
 
 def register(module: nn.Module, pre: Callable | None = None, post: Callable | None = None) -> list:

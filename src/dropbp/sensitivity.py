@@ -201,7 +201,7 @@ def measure_sensitivity(
         if method == "naive":
             result = naive_sensitivity(loss_with_mask, n, params, metric)
         else:
-            with handle._capturing() as captured:
+            with handle._forwards.capturing() as captured:
                 loss = loss_with_mask([False] * n)
                 context = captured()
                 outputs = [list((context.capture or {}).get(i, [])) if context else [] for i in range(n)]

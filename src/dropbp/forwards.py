@@ -1,0 +1,226 @@
+"""Which training forward each branch call belongs to, and what that forward keeps.
+
+The hooks (:mod:`dropbp.hooks`) ask this object three questions: which forward is this
+call part of (a new one at the root, the running one inside it, the recomputed one in a
+backward), what to do before the branch runs (count FLOPs at a new training shape, plan
+a checkpoint replay), and what to do after it (keep the output, capture it for the
+sensitivity measurement). One ``Forwards`` serves one handle; its state is per process
+and, where it lives from a pre-hook to a post-hook, per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dropbp import hooks
+from dropbp.checkpointing import ForwardContext, RecomputeKeys, Replays, make_replay, raise_ambiguous, rng_state
+from dropbp.distributed import require_find_unused
+
+if TYPE_CHECKING:
+    from dropbp.handle import DropBPHandle
+
+__all__ = ["COMPILE_REFUSED", "Forwards", "refuse_compile"]
+
+COMPILE_REFUSED = (
+    "DropBP does not support torch.compile for training: a compiled graph fixes which branches build a "
+    "backward, so it would either recompile for every new mask or compute wrong gradients; train the model "
+    "uncompiled (HF Trainer: torch_compile=False), or call handle.remove() before compiling"
+)
+
+
+def refuse_compile() -> None:
+    """Fail the compilation itself; an exception raised in traced code would only break the graph."""
+    from torch._dynamo.comptime import comptime
+
+    def fail(ctx: Any) -> None:
+        raise RuntimeError(COMPILE_REFUSED)
+
+    comptime(fail)
+
+
+class Forwards:
+    """The per-forward routing behind one handle's hooks.
+
+    Args:
+        handle: The handle whose mask stream, rates and branches it serves.
+    """
+
+    def __init__(self, handle: DropBPHandle):
+        self.handle = handle
+        self.thread = hooks.ThreadState()
+        self.keys = RecomputeKeys()
+        self.replays = Replays(
+            [b.module if b.end_module is b.module else None for b in handle.branches], self.replay_context
+        )
+        self._standing: ForwardContext | None = None
+        self._capture_next = False
+        self._captured: ForwardContext | None = None
+        self._checked_ddp: set[int] = set()
+        self._anchor: torch.Tensor | None = None
+
+    def new_context(self) -> ForwardContext:
+        """The context of a training forward of the root module, with its mask."""
+        if torch.compiler.is_compiling():
+            refuse_compile()
+        self._check_ddp_wrapper()
+        if self.handle._overrides:
+            mask = self.handle._overrides[-1]
+        elif self.handle.auto_step:
+            mask = tuple(self.handle.step())
+        else:
+            mask = tuple(self.handle._mask)
+        context = ForwardContext(mask)
+        if self._capture_next:
+            self._capture_next = False
+            context.capture = {}
+            self._captured = context
+        return context
+
+    def current_context(self) -> ForwardContext | None:
+        """The training forward a first-pass call belongs to, or None if nothing trains."""
+        active = self.thread.active
+        if active:
+            return active[-1]
+        if not torch.is_grad_enabled():
+            return None
+        # A branch called without the root's hooks (a layer called directly): the standing mask.
+        mask = self.handle._overrides[-1] if self.handle._overrides else tuple(self.handle._mask)
+        if self._standing is None or self._standing.mask != mask:
+            self._standing = ForwardContext(mask)
+        return self._standing
+
+    def enter_recompute(self, x: torch.Tensor | None, covers: tuple[int, ...]) -> None:
+        """In a backward: if ``x`` was a training forward's input, its recompute starts here."""
+        found = self.keys.lookup(x) if x is not None else []
+        if not found:
+            return
+        first = found[0]
+        for other in found[1:]:  # one tensor fed several forwards: they must agree here
+            if any(other.mask[i] != first.mask[i] or i in other.kept or i in first.kept for i in covers):
+                raise_ambiguous(self.handle.branches[covers[0]].name, found)
+        state = self.thread
+        state.recompute.update(dict.fromkeys(covers, first))
+        task = torch._C._current_graph_task_id()
+        if state.task != task:  # forget at the end of this backward which forward it recomputed
+            state.task = task
+            recompute = state.recompute
+            torch.autograd.Variable._execution_engine.queue_callback(recompute.clear)
+
+    def recompute_context(self, index: int) -> ForwardContext | None:
+        """The training forward whose recompute calls branch ``index`` now (in a backward)."""
+        context = self.thread.recompute.get(index)
+        if context is not None:
+            return context
+        live = self.keys.live_contexts()
+        if not live:
+            return None  # not the recompute of a training forward
+        if all(c.mask[index] == live[0].mask[index] and index not in c.kept for c in live):
+            return live[0]
+        raise_ambiguous(self.handle.branches[index].name, live)
+        return None
+
+    def replay_context(self, index: int) -> ForwardContext | None:
+        return self.thread.recompute.get(index)
+
+    def first_pass_call(self, frame: hooks.Frame, index: int, args: tuple, kwargs: dict) -> None:
+        """Bookkeeping for a branch call in a training forward (not in its recompute)."""
+        context = frame.context
+        if frame.grad_was_enabled and torch.compiler.is_compiling():
+            refuse_compile()  # a compiled layer inside an eager model
+        calls = context.calls[index] = context.calls.get(index, 0) + 1
+        if calls > 1:  # which call a recompute asks for is ambiguous: run the branch again there
+            self.replays.discard(context, index)
+        frame.counting = self.handle._meter.start(index, args, kwargs)
+        self.handle.branches[index].flops = self.handle._meter.flops[index]
+        x = hooks.first_input(args, kwargs)
+        if x is None:
+            return
+        frame.input_requires_grad = x.requires_grad
+        if calls == 1 and context.mask[index] and self.handle.replay and self._will_recompute(index, context):
+            rng = rng_state(x.device)
+            if rng is not None:
+                frame.keep_rng = (rng, x.device)
+
+    def after_call(self, frame: hooks.Frame, index: int, output: Any) -> Any:
+        """The post-hook's work once grad mode is restored; may return a replacement output."""
+        if frame.counting is not None:
+            self.handle._meter.stop(index, frame.counting, completed=output is not None)
+            self.handle.branches[index].flops = self.handle._meter.flops[index]
+        if output is None:  # the forward raised; always_call only restores state
+            return None
+        context = frame.context
+        if frame.keep_rng is not None:
+            rng, device = frame.keep_rng
+            self.replays.keep(context, index, make_replay(output, rng, device))
+        if context.capture is not None and not frame.dropped and not frame.recompute:
+            out = hooks.first_tensor(output)
+            if out is not None:
+                context.capture.setdefault(index, []).append(out)
+        if frame.dropped and index == len(self.handle.branches) - 1 and not frame.input_requires_grad:
+            return self._anchored(output)
+        return None
+
+    def close_frames(self, context: ForwardContext) -> None:
+        """Close what a forward that raised between a span's first and last module left open.
+
+        Its FLOP counts are closed and the grad mode is restored, so the error leaks neither
+        a dispatch mode nor no-grad.
+        """
+        for index, frames in self.thread.frames.items():
+            while frames and frames[-1].context is context:
+                frame = frames.pop()
+                if frame.counting is not None:
+                    self.handle._meter.stop(index, frame.counting, completed=False)
+                torch.set_grad_enabled(frame.grad_was_enabled)
+
+    def _check_ddp_wrapper(self) -> None:
+        """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""
+        active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+        if active is None or id(active) in self._checked_ddp:
+            return
+        self._checked_ddp.add(id(active))
+        require_find_unused(active)
+
+    def _will_recompute(self, index: int, context: ForwardContext) -> bool:
+        """Whether gradient checkpointing will run this call again in backward.
+
+        Reentrant checkpointing (its first pass runs without grad) recomputes the whole
+        layer. Non-reentrant checkpointing stops once the tensors the backward needs are
+        rebuilt, so it reaches a dropped branch only if a later branch of the same layer
+        builds a graph; keeping an output nobody replays would only cost memory.
+        """
+        owner = self.handle._owners[index]
+        if owner is None or owner.gradient_checkpointing is not True or not owner.training:
+            return False
+        return not torch.is_grad_enabled() or any(not context.mask[j] for j in self.handle._later_in_layer[index])
+
+    def _anchored(self, output: Any) -> Any:
+        """Keep the loss differentiable when nothing trainable is left in this step's graph.
+
+        If every trainable branch was dropped and nothing below requires grad (LoRA on
+        attention and MLP only), the loss would have no ``grad_fn`` and ``loss.backward()``
+        would raise. Adding a zero-valued leaf to the last branch's output keeps the
+        backward legal; no parameter receives a gradient from it.
+        """
+        out = hooks.first_tensor(output)
+        if out is None or not out.is_floating_point():
+            return None
+        if self._anchor is None:
+            self._anchor = torch.zeros((), requires_grad=True)
+        return hooks.replace_first_tensor(output, out + self._anchor.to(dtype=out.dtype, device=out.device))
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[Callable[[], ForwardContext | None]]:
+        """Record the branch outputs of the next training forward; yields a getter for them."""
+        self._capture_next, self._captured = True, None
+        try:
+            yield lambda: self._captured
+        finally:
+            if self._captured is not None:
+                self._captured.capture = None
+            self._capture_next, self._captured = False, None
