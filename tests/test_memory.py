@@ -42,8 +42,15 @@ def test_freed_graphs_count_only_when_tracked():
         raise AssertionError("saved_bytes without track_freed must raise")
 
 
-def test_no_grad_saves_nothing():
-    layer = torch.nn.Linear(16, 16)
-    with ActivationMeter() as meter, torch.no_grad():
-        layer(torch.randn(4, 16))
+def test_the_same_forward_saves_under_grad_and_nothing_under_no_grad():
+    """The meter sees the no-grad forward (what a dropped branch runs) save nothing at all."""
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+    x = torch.randn(4, 16, requires_grad=True)
+    with ActivationMeter(layer.parameters()) as meter:
+        y = layer(x)
+    # x for the first matmul, tanh's output (saved once, also the second matmul's input)
+    assert meter.held_bytes == (4 * 16 + 4 * 32) * 4
+    with ActivationMeter(layer.parameters()) as meter, torch.no_grad():
+        layer(x)
     assert meter.held_bytes == 0
+    y.sum().backward()

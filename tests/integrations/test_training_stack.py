@@ -6,7 +6,7 @@ from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
 
 import dropbp
-from dropbp import hooks
+from dropbp.checkpointing import in_backward
 
 MASK = [True, False, False, True, True, False]
 
@@ -65,7 +65,7 @@ def count_backward_starts(handle):
 
     def count(index):
         def hook(module, args):
-            starts[index] += hooks.in_backward()
+            starts[index] += in_backward()
         return hook
 
     for branch in handle.branches:
