@@ -100,9 +100,11 @@ class Forwards:
         if not found:
             return
         first = found[0]
-        for other in found[1:]:  # one tensor fed several forwards: they must agree here
-            if any(other.mask[i] != first.mask[i] or i in other.kept or i in first.kept for i in covers):
+        if len(found) > 1:  # one tensor fed several forwards: exact only where their masks agree
+            if any(other.mask[i] != first.mask[i] for other in found[1:] for i in covers):
                 raise_ambiguous(self.handle.branches[covers[0]].name, found)
+            # Whose kept output to replay is unknown: run the branches again (same decisions).
+            first = ForwardContext(first.mask)
         state = self.thread
         state.recompute.update(dict.fromkeys(covers, first))
         task = torch._C._current_graph_task_id()
@@ -119,10 +121,9 @@ class Forwards:
         live = self.keys.live_contexts()
         if not live:
             return None  # not the recompute of a training forward
-        if all(c.mask[index] == live[0].mask[index] and index not in c.kept for c in live):
-            return live[0]
-        raise_ambiguous(self.handle.branches[index].name, live)
-        return None
+        if any(c.mask[index] != live[0].mask[index] for c in live):
+            raise_ambiguous(self.handle.branches[index].name, live)
+        return ForwardContext(live[0].mask)  # the decision is known, whose kept output is not
 
     def replay_context(self, index: int) -> ForwardContext | None:
         return self.thread.recompute.get(index)
