@@ -6,8 +6,8 @@
 import torch
 
 import dropbp
-from dropbp.data import bundled_data_path, collate, load_examples, tokenize_example
-from dropbp.models import load_model, prepare_for_training
+from dropbp.app.data import bundled_data_path, collate, load_examples, tokenize_example
+from dropbp.app.models import load_model, prepare_for_training
 
 model, tokenizer = load_model()  # bundled model; pass a local folder to use your own
 model = prepare_for_training(model, "lora")

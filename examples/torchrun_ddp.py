@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import dropbp
-from dropbp.data import bundled_data_path, collate, load_examples, tokenize_example
-from dropbp.models import load_model, prepare_for_training
+from dropbp.app.data import bundled_data_path, collate, load_examples, tokenize_example
+from dropbp.app.models import load_model, prepare_for_training
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

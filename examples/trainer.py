@@ -7,8 +7,8 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from dropbp import DropBPCallback
-from dropbp.data import bundled_data_path, collate, load_examples, tokenize_example
-from dropbp.models import load_model, prepare_for_training
+from dropbp.app.data import bundled_data_path, collate, load_examples, tokenize_example
+from dropbp.app.models import load_model, prepare_for_training
 
 model, tokenizer = load_model()
 model = prepare_for_training(model, "lora")

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import byte_tokenizer, tiny_llama
 
-from dropbp.cli import main
+from dropbp.app.cli import main
 
 
 @pytest.fixture(scope="module")

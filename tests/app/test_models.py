@@ -7,7 +7,13 @@ import torch
 from conftest import byte_tokenizer, tiny_llama
 
 import dropbp
-from dropbp.models import ModelError, bundled_model_folder, load_model, max_positions, prepare_for_training
+from dropbp.app.models import (
+    ModelError,
+    bundled_model_folder,
+    load_model,
+    max_positions,
+    prepare_for_training,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import dropbp
-from dropbp.cli import main
-from dropbp.models import LORA_TARGETS, load_model, prepare_for_training
+from dropbp.app.cli import main
+from dropbp.app.models import LORA_TARGETS, load_model, prepare_for_training
 from dropbp.reference import detach_branches
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -160,7 +160,7 @@ def test_evaluating_the_4bit_model_leaves_training_gradients_alone(model_dir, tm
 
 
 def heldout(folder, adapter, four_bit, examples):
-    from dropbp.data import heldout_loss
+    from dropbp.app.data import heldout_loss
 
     model, tokenizer = load_model(folder, quantize_4bit=four_bit)
     if adapter is not None:

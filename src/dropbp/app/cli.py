@@ -1,6 +1,6 @@
 """The ``dropbp`` command: ``finetune`` (the main job), ``compare`` and ``sensitivity``.
 
-Options are generated from the fields of :class:`dropbp.finetune.FinetuneConfig` and
+Options are generated from the fields of :class:`dropbp.app.finetune.FinetuneConfig` and
 :class:`dropbp.DropBPConfig`, so the CLI, the Python API and the Trainer callback share
 one set of names, defaults and help texts.
 """
@@ -14,8 +14,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from dropbp.app.finetune import FinetuneConfig
 from dropbp.config import DropBPConfig
-from dropbp.finetune import FinetuneConfig
 
 # DropBPConfig fields offered on the command line (the rest are Python-only).
 _DROPBP_OPTIONS = ("drop_rate", "max_rate", "sensitivity_at", "sensitivity_batches", "allocation")
@@ -92,7 +92,7 @@ def _configs(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def _finetune(cfg: FinetuneConfig) -> None:
-    from dropbp.finetune import run_finetune
+    from dropbp.app.finetune import run_finetune
 
     result = run_finetune(cfg)
     s = result.summary
@@ -104,7 +104,7 @@ def _finetune(cfg: FinetuneConfig) -> None:
 
 
 def _compare(cfg: FinetuneConfig) -> None:
-    from dropbp.finetune import format_table, run_compare
+    from dropbp.app.finetune import format_table, run_compare
 
     result = run_compare(cfg)
     print(format_table(result["rows"]))
@@ -112,7 +112,7 @@ def _compare(cfg: FinetuneConfig) -> None:
 
 
 def _sensitivity(cfg: FinetuneConfig) -> None:
-    from dropbp.finetune import run_sensitivity
+    from dropbp.app.finetune import run_sensitivity
 
     rows, folder = run_sensitivity(cfg)
     width = max(len(r["branch"]) for r in rows)

@@ -35,9 +35,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically, as UTF-8 with ``\\n`` line endings on every platform."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def write_json(path: str | os.PathLike, value: Any, dumps: Callable[[Any], str] | None = None) -> None:

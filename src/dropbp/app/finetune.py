@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import statistics
 import time
 from collections import deque
@@ -21,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from dropbp.app.files import AtomicDir, write_json, write_text
 from dropbp.config import DropBPConfig
 
 __all__ = ["FinetuneConfig", "RunResult", "prepare_output_dir", "run_compare", "run_finetune", "run_sensitivity"]
@@ -93,35 +92,8 @@ def prepare_output_dir(output_dir: str | None, command: str, overwrite: bool) ->
     return path
 
 
-class _AtomicDir:
-    """Write into ``<final>.partial-<pid>``; rename onto ``final`` only on success."""
-
-    def __init__(self, final: Path):
-        self.final = final
-        self.tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _load_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
-    from dropbp.data import bundled_data_path, load_examples
+    from dropbp.app.data import bundled_data_path, load_examples
 
     if cfg.data is None:
         train = load_examples(bundled_data_path("train"))
@@ -144,7 +116,7 @@ def _load_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
 
 
 def _check_seq_len(model: str | None, seq_len: int) -> None:
-    from dropbp.models import max_positions
+    from dropbp.app.models import max_positions
 
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
@@ -175,7 +147,7 @@ def _prepare_run(
     Returns:
         The final run folder, training and held-out examples, the model ready to train, its tokenizer.
     """
-    from dropbp.models import load_model, prepare_for_training
+    from dropbp.app.models import load_model, prepare_for_training
 
     final = prepare_output_dir(cfg.output_dir, command, cfg.overwrite)
     train, heldout = _load_data(cfg)
@@ -192,7 +164,7 @@ def _prepare_run(
 
 
 def _evaluate(model, tokenizer, heldout: list[dict], seq_len: int, batch_size: int) -> dict[str, float]:
-    from dropbp.data import exact_match_accuracy, heldout_loss
+    from dropbp.app.data import exact_match_accuracy, heldout_loss
 
     return {
         "heldout_loss": float(heldout_loss(model, tokenizer, heldout, max_length=seq_len, batch_size=batch_size)),
@@ -222,9 +194,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     from tqdm.auto import tqdm
 
     import dropbp
-    from dropbp.data import collate, tokenize_example
+    from dropbp.app.data import collate, tokenize_example
+    from dropbp.app.plots import plot_losses
     from dropbp.memory import ActivationMeter
-    from dropbp.plots import plot_losses
 
     final, train, heldout, model, tokenizer = _prepare_run(cfg, command, need_full_batch=True)
     tokenized = [tokenize_example(tokenizer, ex["prompt"], ex["response"], cfg.seq_len) for ex in train]
@@ -235,8 +207,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
             model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step, replay=d.replay
         )
 
-    with _AtomicDir(final) as out:
-        _write_json(out / "config.json", cfg.to_dict())
+    with AtomicDir(final) as out:
+        write_json(out / "config.json", cfg.to_dict())
         before = _evaluate(model, tokenizer, heldout, cfg.seq_len, cfg.batch_size)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         calibrate_at = cfg.dropbp.sensitivity_step(cfg.max_steps) if handle is not None else None
@@ -296,7 +268,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
         model.save_pretrained(out / ("adapter" if cfg.method != "full" else "model"))
         plot_losses({("DropBP" if handle else "baseline"): history}, out / "loss.png")
         summary = _summarize(history, before, after, train_s, calibration_s, handle)
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     if handle is not None:
         handle.remove()
     return RunResult(output_dir=str(final), history=history, summary=summary)
@@ -343,10 +315,10 @@ def run_compare(cfg: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     Raises:
         ValueError: As :func:`run_finetune`.
     """
-    from dropbp.plots import plot_losses
+    from dropbp.app.plots import plot_losses
 
     final = prepare_output_dir(cfg.output_dir, "compare", cfg.overwrite)
-    with _AtomicDir(final) as out:
+    with AtomicDir(final) as out:
         runs = {}
         for name, use in (("baseline", False), ("dropbp", True)):
             sub = FinetuneConfig(**{**cfg.to_dict(), "use_dropbp": use, "output_dir": str(out / name),
@@ -370,8 +342,8 @@ def run_compare(cfg: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
                 "train_time_s": s["train_time_s"],
             }
         result = {"rows": rows, "speedup_step_time": base["median_step_time_s"] / drop["median_step_time_s"]}
-        _write_json(out / "compare.json", result)
-        (out / "compare.md").write_text(format_table(rows) + "\n")
+        write_json(out / "compare.json", result)
+        write_text(out / "compare.md", format_table(rows) + "\n")
         plot_losses({"baseline": runs["baseline"].history, "DropBP": runs["dropbp"].history},
                     out / "loss_vs_time.png")
     return result
@@ -404,8 +376,8 @@ def run_sensitivity(cfg: FinetuneConfig) -> tuple[list[dict[str, Any]], str]:
         ValueError: As :func:`run_finetune`.
     """
     import dropbp
-    from dropbp.data import collate, tokenize_example
-    from dropbp.plots import plot_sensitivity
+    from dropbp.app.data import collate, tokenize_example
+    from dropbp.app.plots import plot_sensitivity
 
     final, train, _, model, tokenizer = _prepare_run(cfg, "sensitivity", need_full_batch=False)
     d = cfg.dropbp
@@ -420,9 +392,9 @@ def run_sensitivity(cfg: FinetuneConfig) -> tuple[list[dict[str, Any]], str]:
         {"branch": b.name, "sensitivity": s, "flops": float(b.flops), "drop_rate": r}
         for b, s, r in zip(handle.branches, sensitivity, rates)
     ]
-    with _AtomicDir(final) as out:
-        _write_json(out / "config.json", cfg.to_dict())
-        _write_json(out / "sensitivity.json", rows)
+    with AtomicDir(final) as out:
+        write_json(out / "config.json", cfg.to_dict())
+        write_json(out / "sensitivity.json", rows)
         plot_sensitivity([r["branch"] for r in rows], sensitivity, rates, out / "sensitivity.png")
     handle.remove()
     return rows, str(final)

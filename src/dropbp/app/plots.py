@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from dropbp.app.files import atomic_path
 
 __all__ = ["plot_losses", "plot_sensitivity"]
 
@@ -19,11 +20,9 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
 
 
 def _smooth(values: list[float], window: int = 5) -> list[float]:

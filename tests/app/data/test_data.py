@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import CHATML, byte_tokenizer
 
-from dropbp.data import (
+from dropbp.app.data import (
     DEFAULT_MAX_NEW_TOKENS,
     IGNORE_INDEX,
     DataError,
@@ -36,7 +36,7 @@ from dropbp.data import (
     prompt_token_ids,
     tokenize_example,
 )
-from dropbp.data import generate as gen
+from dropbp.app.data import generate as gen
 
 DATA_DIR = Path(gen.__file__).parent
 TASKS = {"arithmetic", "unit_conversion", "string", "sorting", "date", "facts"}
@@ -91,7 +91,7 @@ def test_generator_reproduces_shipped_files_byte_for_byte():
 def test_generator_cli_writes_identical_files_under_any_hash_seed(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     done = subprocess.run(
-        [sys.executable, "-m", "dropbp.data.generate", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "dropbp.app.data.generate", "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

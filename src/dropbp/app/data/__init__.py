@@ -1,7 +1,7 @@
 """Instruction data: the bundled data set, JSONL loading, tokenization and evaluation.
 
 The package ships ``train.jsonl`` (2,400 examples) and ``heldout.jsonl`` (240 examples),
-written deterministically by :mod:`dropbp.data.generate`. A user's own JSONL file of
+written deterministically by :mod:`dropbp.app.data.generate`. A user's own JSONL file of
 ``{"prompt": ..., "response": ...}`` objects goes through the same functions.
 
 Importing this module needs only the standard library; torch and transformers are

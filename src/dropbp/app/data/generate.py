@@ -1,6 +1,6 @@
 """Deterministic generator of the bundled instruction data set.
 
-``python -m dropbp.data.generate`` (re)writes ``train.jsonl`` and ``heldout.jsonl`` next to
+``python -m dropbp.app.data.generate`` (re)writes ``train.jsonl`` and ``heldout.jsonl`` next to
 this file. Every line is ``{"prompt": ..., "response": ..., "task": ...}``. The answers are
 short (a number, a word, an ISO date, a comma-separated list) so that exact match is a
 meaningful metric, and every prompt says the answer format it expects.
@@ -29,7 +29,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -482,40 +481,29 @@ def render_jsonl(examples: Sequence[dict[str, str]]) -> str:
     return "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_splits(out_dir: str | os.PathLike[str] | None = None, seed: int = DEFAULT_SEED) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``heldout.jsonl`` into ``out_dir`` (default: this package).
 
     Each file is written under a temporary name and moved into place with ``os.replace``.
     """
+    # Imported here: importing this module needs only the standard library (not the dropbp package).
+    from dropbp.app.files import write_text
+
     directory = Path(__file__).parent if out_dir is None else Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     train, heldout = generate_splits(seed)
     paths = (directory / "train.jsonl", directory / "heldout.jsonl")
     for path, examples in zip(paths, (train, heldout), strict=True):
-        _write_atomic(path, render_jsonl(examples))
+        write_text(path, render_jsonl(examples))
     return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dropbp.data.generate",
+        prog="python -m dropbp.app.data.generate",
         description="(Re)write the bundled train.jsonl and heldout.jsonl deterministically.",
     )
-    parser.add_argument("--out-dir", default=None, help="folder to write into (default: the dropbp.data package)")
+    parser.add_argument("--out-dir", default=None, help="folder to write into (default: the dropbp.app.data package)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"generator seed (default {DEFAULT_SEED})")
     parser.add_argument(
         "--check",
