@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dropbp.allocation import allocate_drop_rates
 from dropbp.config import DropBPConfig
+from dropbp.errors import DropBPError
 from dropbp.handle import DropBPHandle, apply, find_handle
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
@@ -27,6 +28,7 @@ __all__ = [
     "Branch",
     "DropBPCallback",
     "DropBPConfig",
+    "DropBPError",
     "DropBPHandle",
     "__version__",
     "allocate_drop_rates",
