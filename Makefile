@@ -33,6 +33,7 @@ bench: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_core.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_ddp.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_checkpointing.py
+	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -3,10 +3,10 @@
 What it measures
     Hugging Face gradient checkpointing re-runs each decoder layer's forward during backward.
     A dropped branch's output is a constant of the backward, so re-running it is wasted work;
-    by default the handle keeps (``handle._replay_dropped = True``) each dropped branch's
-    first-pass output and hands it back to the recompute instead of running the branch again.
-    ``_replay_dropped = False`` is the old behaviour (the dropped branch is recomputed, under
-    no-grad). This benchmark compares the two, for ``use_reentrant`` False and True, on a
+    by default the handle keeps (``dropbp.apply(..., replay=True)``; the attribute ``handle.replay``)
+    each dropped branch's first-pass output and hands it back to the recompute instead of running the
+    branch again. ``handle.replay = False`` is the old behaviour (the dropped branch is recomputed,
+    under no-grad). This benchmark compares the two, for ``use_reentrant`` False and True, on a
     random-weight SmolLM2-shaped ``LlamaForCausalLM`` (the shapes of ``bench_core.py``; fp32,
     full fine-tuning, sdpa, ``--layers`` decoder layers).
 
@@ -27,13 +27,13 @@ What it measures
        (``torch.profiler`` with ``profile_memory=True``: every allocation torch makes during the
        step and its free; blocks that existed before the step do not count): bytes alive when
        the forward ends, peak during the forward and during ``loss.backward()``; and, exactly,
-       the bytes of the first-pass outputs the replay keeps (at the end of the forward and
-       still kept after the backward).
+       the bytes of the first-pass outputs the replay keeps (``handle.kept_for_replay_bytes()``, at
+       the end of the forward and still kept after the backward).
     3. Wall time of forward and of ``loss.backward()`` (no optimizer: the weights do not change,
        so every variant sees the same model) for ``none`` and random p = 0.5 masks with and
        without the replay. Round r draws its mask with ``dropbp.sample_mask(seed, r, [0.5]*n)``
        and every p = 0.5 variant of that round uses it. One untimed warm-up round, then
-       ``--rounds`` interleaved rounds; medians and ratios.
+       ``--rounds`` interleaved rounds (``harness.interleaved``); medians and ratios.
 
 What the mechanism predicts
     * reentrant checkpointing re-runs the whole layer, so without the replay every dropped
@@ -63,10 +63,7 @@ import argparse
 import gc
 import json
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,12 +71,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import ENV_PREFIXES, build_model, dropbp_source, layer_of, write_results  # noqa: E402
-
-import dropbp  # noqa: E402
-from dropbp.flops import flop_counter  # noqa: E402
-from dropbp.hooks import _walk  # noqa: E402
+import dropbp
+from dropbp.flops import flop_counter
+from harness import RESULTS, Run, args_record, interleaved, layer_of, medians, smollm2_llama, spreads
 
 REENTRANT = (False, True)
 FIXED_MASKS = ("none", "half", "attn", "mlp")
@@ -97,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights, batch and the p = 0.5 masks")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 layers, batch 1 x seq 64, 2 rounds, writes checkpointing_quick.*")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.batch, args.seq, args.rounds = 2, 1, 64, 2
@@ -127,13 +121,6 @@ def predicted_saving(handle: dropbp.DropBPHandle, mask: list[bool], reentrant: b
     kept_mlp = {layer_of(b.name) for b, m in zip(handle.branches, mask) if branch_kind(b.name) == "mlp" and not m}
     return sum(b.flops for b, m in zip(handle.branches, mask)
                if m and (reentrant or (branch_kind(b.name) == "attn" and layer_of(b.name) in kept_mlp)))
-
-
-def kept_bytes(handle: dropbp.DropBPHandle) -> int:
-    """Bytes of first-pass outputs the replay keeps right now (each storage once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for b in handle.branches if b._replay is not None for t in _walk(b._replay.output)}
-    return sum(storages.values())
 
 
 def allocator_profile(trace_path: str) -> dict[str, int]:
@@ -168,7 +155,7 @@ def allocator_profile(trace_path: str) -> dict[str, int]:
 
 def measure(model, handle, input_ids, mask, replay: bool) -> dict:
     """One untimed forward+backward: backward FLOPs, allocator memory, replay-kept bytes."""
-    handle._replay_dropped = replay
+    handle.replay = replay
     handle.set_mask(mask)
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -177,10 +164,10 @@ def measure(model, handle, input_ids, mask, replay: bool) -> dict:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with flop_counter() as forward_counter:
                 loss = model(input_ids=input_ids, labels=input_ids).loss
-            kept_forward = kept_bytes(handle)
+            kept_forward, kept_outputs = handle.kept_for_replay_bytes(), sum(handle.kept_for_replay)
             with record_function(BACKWARD_MARK), flop_counter() as backward_counter:
                 loss.backward()
-            kept_after = kept_bytes(handle)
+            kept_after, kept_outputs_after = handle.kept_for_replay_bytes(), sum(handle.kept_for_replay)
             del loss
         prof.export_chrome_trace(trace)
         memory = allocator_profile(trace)
@@ -188,6 +175,7 @@ def measure(model, handle, input_ids, mask, replay: bool) -> dict:
     return {"forward_flops": int(forward_counter.get_total_flops()),
             "backward_flops": int(backward_counter.get_total_flops()),
             "replay_kept_bytes_end_forward": kept_forward, "replay_kept_bytes_after_backward": kept_after,
+            "replay_kept_outputs_end_forward": kept_outputs, "replay_kept_outputs_after_backward": kept_outputs_after,
             "allocator_bytes": memory}
 
 
@@ -213,38 +201,30 @@ def measure_flops_and_memory(models, handles, plain, plain_handle, input_ids) ->
     return result
 
 
-def timed_step(model, handle, input_ids, mask, replay: bool) -> tuple[float, float]:
-    handle._replay_dropped = replay
+def timed_step(model, handle, input_ids, mask, replay: bool) -> dict[str, float]:
+    """One forward and ``loss.backward()``; their wall times."""
+    handle.replay = replay
     handle.set_mask(mask)
     model.zero_grad(set_to_none=True)
-    gc.collect()
     start = time.perf_counter()
     loss = model(input_ids=input_ids, labels=input_ids).loss
     mid = time.perf_counter()
     loss.backward()
     end = time.perf_counter()
-    return mid - start, end - mid
+    return {"forward": mid - start, "backward": end - mid}
 
 
 def time_variants(models, handles, input_ids, rounds: int, seed: int):
+    """Round r: ``none`` and the p = 0.5 variants at ``sample_mask(seed, r)``, for both checkpointing modes."""
     n = len(handles[False].branches)
-    times = {f"reentrant={r}": {v: {"forward": [], "backward": []} for v in TIMED} for r in REENTRANT}
-    masks = []
-    for round_ in range(rounds + 1):
-        p05 = dropbp.sample_mask(seed, round_, [0.5] * n)
-        variants = {"none": ([False] * n, True), "p05_replay": (p05, True), "p05_recompute": (p05, False)}
-        row = []
-        for r in REENTRANT:
-            for name, (mask, replay) in variants.items():
-                fwd, bwd = timed_step(models[r], handles[r], input_ids, mask, replay)
-                row.append(f"{'R' if r else 'NR'}/{name} {fwd:.2f}+{bwd:.2f}s")
-                if round_ > 0:
-                    times[f"reentrant={r}"][name]["forward"].append(fwd)
-                    times[f"reentrant={r}"][name]["backward"].append(bwd)
-        if round_ > 0:
-            masks.append(p05)
-        print(f"  round {round_}{' (warm-up)' if round_ == 0 else ''}: " + "  ".join(row), flush=True)
-    return times, masks
+    p05 = lambda round_: dropbp.sample_mask(seed, round_, [0.5] * n)  # noqa: E731
+    setups = {"none": (lambda _: [False] * n, True), "p05_replay": (p05, True), "p05_recompute": (p05, False)}
+    variants = {f"{'R' if r else 'NR'}/{name}": (lambda round_, r=r, m=mask, rp=replay:
+                                                 timed_step(models[r], handles[r], input_ids, m(round_), rp))
+                for r in REENTRANT for name, (mask, replay) in setups.items()}
+    raw = interleaved(variants, rounds)
+    times = {f"reentrant={r}": {name: raw[f"{'R' if r else 'NR'}/{name}"] for name in TIMED} for r in REENTRANT}
+    return times, [p05(round_) for round_ in range(1, rounds + 1)]
 
 
 def summarise(flops_mem, times, masks, handles) -> dict:
@@ -257,14 +237,14 @@ def summarise(flops_mem, times, masks, handles) -> dict:
     timing = {}
     for r in REENTRANT:
         key = f"reentrant={r}"
-        med = {v: {k: statistics.median(t[k]) for k in ("forward", "backward")} for v, t in times[key].items()}
+        med = medians(times[key])
         none_bwd_flops = flops_mem[key]["none"]["replay"]["backward_flops"]
         rate = none_bwd_flops / med["none"]["backward"]  # backward FLOP/s, to turn FLOPs into seconds
         pred = [predicted_saving(handles[r], m, r) for m in masks]
         dropped = [sum(f for f, d in zip(handles[r].flops, m) if d) for m in masks]
         timing[key] = {
             "median_s": med,
-            "spread_backward_s": {v: [min(t["backward"]), max(t["backward"])] for v, t in times[key].items()},
+            "spread_backward_s": {v: spread["backward"] for v, spread in spreads(times[key]).items()},
             "backward_ratio_to_none": {v: med[v]["backward"] / med["none"]["backward"] for v in TIMED},
             "backward_replay_over_recompute": med["p05_replay"]["backward"] / med["p05_recompute"]["backward"],
             "backward_saving_s": med["p05_recompute"]["backward"] - med["p05_replay"]["backward"],
@@ -280,21 +260,21 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def markdown_report(args, summary, command, runtime_s, load, env, n_branches, branch_flops) -> str:
+def markdown_report(args, summary, run: Run, n_branches, branch_flops) -> str:
     fm, tm = summary["flops_memory"], summary["timing"]
     g = lambda n: f"{n / 1e9:.2f}"  # noqa: E731
     attn = next(f for b, f in branch_flops if branch_kind(b) == "attn")
     mlp = next(f for b, f in branch_flops if branch_kind(b) == "mlp")
     lines = [
         "# Gradient checkpointing: replaying dropped branches instead of recomputing them", "",
-        f"Command: `{command}`  ",
+        f"Command: `{run.command}`  ",
         f"Model: random SmolLM2-shaped Llama, {args.layers} layers ({n_branches} branches), batch {args.batch} x "
         f"seq {args.seq}, fp32, full fine-tuning, sdpa, HF gradient checkpointing on every decoder layer; "
-        f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}; total run {runtime_s:.0f}s. "
+        f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}; total run {run.runtime_s:.0f}s. "
         f"Forward FLOPs per branch: attention {g(attn)} G, MLP {g(mlp)} G.", "",
         "## Backward FLOPs (FlopCounterMode around `loss.backward()`, exact and deterministic)", "",
-        "`recompute` = `handle._replay_dropped = False` (dropped branches re-run in the recompute); "
-        "`replay` = default. `plain` = the same model without checkpointing. Saving = recompute - replay; "
+        "`recompute` = `handle.replay = False` (dropped branches re-run in the recompute); "
+        "`replay` = default (`handle.replay = True`). `plain` = the same model without checkpointing. Saving = recompute - replay; "
         "predicted = forward FLOPs of all dropped branches (reentrant) or of the dropped attention branches only "
         "(non-reentrant, see below).", "",
         "| use_reentrant | mask | plain bwd (GFLOP) | ckpt bwd, recompute (GFLOP) | ckpt bwd, replay (GFLOP) "
@@ -366,30 +346,26 @@ def markdown_report(args, summary, command, runtime_s, load, env, n_branches, br
         "non-reentrant checkpointing the handle keeps a dropped branch's output only when a later branch of "
         "its layer is kept (the `attn` rows); every kept output is replayed (`still kept after backward` is 0).",
         "",
-        f"Load average (1 min) at start / end: {load[0][0]:.2f} / {load[1][0]:.2f}; allocator environment: "
-        f"{env or 'default'}. Times are from a shared machine: read the ratios and the FLOPs, not the seconds.", "",
+        run.footer(read="the ratios and the FLOPs, not the seconds"), "",
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    started, load_start = time.perf_counter(), os.getloadavg()
-    command = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    command = (command + " python " + shlex.join(sys.argv)).strip()  # the environment make bench sets
-    torch.set_num_threads(args.threads)
+    run = Run(threads=args.threads)
     models, handles = {}, {}
     for r in (*REENTRANT, None):  # None: the same weights without checkpointing (FLOP reference)
         torch.manual_seed(args.seed)
-        model = build_model(args.layers, args.seq)
+        model = smollm2_llama(args.layers, args.seq)
         if r is not None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": r})
         models[r], handles[r] = model, dropbp.apply(model, drop_rate=0.0, auto_step=False)
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(0, models[None].config.vocab_size, (args.batch, args.seq), generator=generator)
     for r, model in models.items():
-        with torch.no_grad():
-            model(input_ids=input_ids)  # the first forward counts each branch's FLOPs
+        with handles[r].paused():
+            model(input_ids=input_ids)  # a training forward (nothing dropped) counts each branch's FLOPs
     branch_flops = [(b.name, b.flops) for b in handles[None].branches]
     print(f"{args.layers} layers, {len(branch_flops)} branches, {args.threads} threads, "
           f"load average {os.getloadavg()}", flush=True)
@@ -397,20 +373,14 @@ def main(argv: list[str] | None = None) -> None:
     flops_mem = measure_flops_and_memory(models, handles, models[None], handles[None], input_ids)
     times, masks = time_variants(models, handles, input_ids, args.rounds, args.seed)
     summary = summarise(flops_mem, times, masks, handles)
-    runtime = time.perf_counter() - started
-    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-               "platform": platform.platform(), "python": platform.python_version(),
-               "load_average_start": load_start, "load_average_end": os.getloadavg(), "dropbp": dropbp_source(),
-               "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
-    report = markdown_report(args, summary, command, runtime, (load_start, machine["load_average_end"]),
-                             machine["env"], len(branch_flops), branch_flops)
+    run.finish()
+    report = markdown_report(args, summary, run, len(branch_flops), branch_flops)
     print(report)
-    record = {"command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": machine, "runtime_s": runtime, "branch_forward_flops": dict(branch_flops),
+    record = {"command": run.command, "args": args_record(args), "machine": run.machine(),
+              "runtime_s": run.runtime_s, "branch_forward_flops": dict(branch_flops),
               "fixed_masks": fixed_masks(handles[None]), "timed_p05_masks": masks,
               "raw_times_s": times, **summary}
-    stem = "checkpointing_quick" if args.quick else "checkpointing"
-    write_results(args.out, stem, record, report)
+    run.write(args.out, "checkpointing_quick" if args.quick else "checkpointing", record, report)
 
 
 if __name__ == "__main__":

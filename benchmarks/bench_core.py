@@ -15,7 +15,8 @@ What it measures
 
 How
     Following DESIGN.md ("Measuring on shared, noisy machines"): one process, fixed thread count,
-    one untimed warm-up round, then ``--steps`` interleaved rounds A B C D A B C D ...; each config
+    branch FLOPs counted by one training forward with nothing dropped (``handle.paused()``), one
+    untimed warm-up round, then ``--steps`` interleaved rounds A B C D A B C D ...; each config
     is summarised by its median and quoted as a ratio to ``none``. Checks:
 
     * interpolation: with f = ``handle.dropped_flops_fraction(half)``, the FLOP model predicts a
@@ -34,34 +35,25 @@ memory and varies from step to step. Setting ``MALLOC_MMAP_THRESHOLD_`` and ``MA
 (e.g. to 17179869184) in the environment keeps that memory in the process and steadies the
 times; the JSON records these variables.
 
-Results go to ``benchmarks/results/core.json`` (raw times, medians, ratios, machine info) and
-``core.md``. Usage: ``python benchmarks/bench_core.py [--layers 8] [--steps 10] ...``
+Timing loop, medians, machine info and result files come from ``harness.py``. Results go to
+``benchmarks/results/core.json`` (raw times, medians, ratios, machine info) and ``core.md``. Usage: ``python benchmarks/bench_core.py [--layers 8] [--steps 10] ...``
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import json
 import os
-import platform
-import shlex
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import dropbp
 from dropbp.memory import ActivationMeter
 from dropbp.reference import detach_branches
+from harness import RESULTS, Run, args_record, interleaved, layer_of, medians, smollm2_llama, summarise, verdict
 
 CONFIGS = ("none", "half", "all", "detach_half")
-ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_")  # environment that changes timings; recorded
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,29 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sens-batch", type=int, default=2, help="batch size of the sensitivity closure")
     p.add_argument("--sens-repeats", type=int, default=2, help="timed calls of each sensitivity method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.steps < 5 or args.sens_repeats < 2:
         p.error("need --steps >= 5 and --sens-repeats >= 2")
     return args
-
-
-def build_model(layers: int, seq: int) -> LlamaForCausalLM:
-    """Random-weight SmolLM2-shaped Llama in training mode, all parameters trainable, fp32, no KV cache."""
-    config = LlamaConfig(
-        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
-        vocab_size=49152, num_hidden_layers=layers, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        rope_theta=100000.0, max_position_embeddings=max(2048, seq), attention_dropout=0.0,
-        use_cache=False, attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).float().train()
-    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
-    return model
-
-
-def layer_of(branch_name: str) -> int:
-    """Decoder-layer index of a branch name such as ``model.layers.3.mlp``."""
-    return int(branch_name.split(".layers.")[1].split(".")[0])
 
 
 def config_masks(handle: dropbp.DropBPHandle) -> dict[str, tuple[list[bool], list[bool] | None]]:
@@ -116,16 +90,13 @@ def run_context(handle, masks):
     return detach_branches([b.module for b in handle.branches], detach_mask)
 
 
-def timed_train_step(model, optimizer, handle, input_ids, masks) -> float:
-    """One full training step under a config; returns its wall time in seconds."""
-    gc.collect()
-    start = time.perf_counter()
+def train_step(model, optimizer, handle, input_ids, masks) -> None:
+    """One full training step under a config (the harness times it)."""
     with run_context(handle, masks):
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def saved_activation_bytes(model, handle, input_ids, masks) -> dict[str, int]:
@@ -145,43 +116,35 @@ def time_training(model, handle, input_ids, steps: int) -> dict[str, list[float]
     """One warm-up round, then ``steps`` interleaved rounds over all configs."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     masks = config_masks(handle)
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for round_ in range(steps + 1):
-        row = {name: timed_train_step(model, optimizer, handle, input_ids, masks[name]) for name in CONFIGS}
-        if round_ > 0:
-            for name, t in row.items():
-                times[name].append(t)
-        print(f"  round {round_}{' (warm-up)' if round_ == 0 else ''}: "
-              + "  ".join(f"{c} {t:.3f}s" for c, t in row.items()), flush=True)
-    return times
+    return interleaved({name: (lambda _, m=masks[name]: train_step(model, optimizer, handle, input_ids, m))
+                        for name in CONFIGS}, steps)
 
 
 def time_sensitivity(handle, closure, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Interleaved fast/naive sensitivity calls after one untimed fast call; returns times and values."""
-    handle.sensitivity(closure, method="fast")  # warm-up; recounts branch FLOPs if the shape changed
-    times: dict[str, list[float]] = {"fast": [], "naive": []}
+    """Interleaved naive/fast sensitivity calls after one untimed fast call; returns times and values."""
+    handle.sensitivity(closure, method="fast")  # warm-up
     values: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        for method in ("naive", "fast"):
-            gc.collect()
-            start = time.perf_counter()
-            values[method] = handle.sensitivity(closure, method=method)
-            times[method].append(time.perf_counter() - start)
-            print(f"  sensitivity {method}: {times[method][-1]:.2f}s", flush=True)
+
+    def method(name: str):
+        def call(_round: int) -> None:
+            values[name] = handle.sensitivity(closure, method=name)
+        return call
+
+    times = interleaved({"naive": method("naive"), "fast": method("fast")}, repeats, warmup=0,
+                        label="sensitivity round")
     return times, values
 
 
-def summarise(times, f_half, act_bytes, sens_times, sens_values) -> dict:
-    med = {c: statistics.median(v) for c, v in times.items()}
+def summarise_all(times, f_half, act_bytes, sens_times, sens_values) -> dict:
+    core = summarise(times, "none")
+    med = core["median_s"]
     predicted = f_half * (med["none"] - med["all"])
     actual = med["none"] - med["half"]
     fast, naive = sens_values["fast"], sens_values["naive"]
     diffs = [abs(a - b) for a, b in zip(fast, naive)]
-    sens_med = {m: statistics.median(v) for m, v in sens_times.items()}
+    sens_med = medians(sens_times)
     return {
-        "median_s": med,
-        "ratio_to_none": {c: med[c] / med["none"] for c in CONFIGS},
-        "spread_s": {c: [min(v), max(v)] for c, v in times.items()},
+        **core,
         "activation_bytes": act_bytes,
         "interpolation": {"f_half": f_half, "predicted_saving_s": predicted, "actual_saving_s": actual,
                           "efficiency": actual / predicted, "pass": actual / predicted >= 0.95},
@@ -195,15 +158,14 @@ def summarise(times, f_half, act_bytes, sens_times, sens_values) -> dict:
     }
 
 
-def markdown_report(args, summary, command: str, runtime_s: float, load: tuple, env: dict) -> str:
+def markdown_report(args, summary, run: Run) -> str:
     s, i, h, se = summary, summary["interpolation"], summary["hooks_vs_detach"], summary["sensitivity"]
-    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     lines = [
         "# DropBP core benchmark", "",
-        f"Command: `{command}`  ",
+        f"Command: `{run.command}`  ",
         f"Model: random SmolLM2-shaped Llama, {args.layers} layers, batch {args.batch} x seq {args.seq}, fp32, "
         f"full fine-tuning, AdamW, sdpa; {args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-        f"{args.steps} interleaved timed steps per config after 1 warm-up round; total run {runtime_s:.0f}s.", "",
+        f"{args.steps} interleaved timed steps per config after 1 warm-up round; total run {run.runtime_s:.0f}s.", "",
         "| config | median step (s) | min..max (s) | ratio to none | saved for backward, held at end of forward (MiB) "
         "| saved during forward incl. freed (MiB) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -223,48 +185,20 @@ def markdown_report(args, summary, command: str, runtime_s: float, load: tuple, 
         f"| {se['ratio_fast_over_naive']:.3f} | <= 0.5 | {verdict(se['pass'])} |",
         f"| sensitivity agreement: max relative diff (max diff / max value) "
         f"| {se['max_rel_diff']:.2e} ({se['max_diff_over_max_value']:.2e}) | reported | - |",
-        "", f"Load average (1 min) at start / end: {load[0][0]:.2f} / {load[1][0]:.2f}; allocator environment: "
-        f"{env or 'default'}. Times are from a shared machine: read the ratios, not the absolute seconds.", "",
+        "", run.footer(), "",
     ]
     return "\n".join(lines)
 
 
-def dropbp_source() -> dict:
-    """Which dropbp was measured: its path, and the git commit and dirty state of its checkout."""
-    src = Path(dropbp.__file__).resolve().parent
-    info = {"path": str(src), "version": dropbp.__version__}
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git = lambda *a: subprocess.run(["git", "-C", str(src), *a], capture_output=True, text=True,  # noqa: E731
-                                        check=True).stdout.strip()
-        info["commit"] = git("rev-parse", "HEAD")
-        info["dirty_src"] = bool(git("status", "--porcelain", "--", "."))
-    return info
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_results(out: Path, stem: str, record: dict, report: str) -> None:
-    """``<stem>.json`` (everything measured) and ``<stem>.md`` (the report), each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
-    write_atomic(out / f"{stem}.md", report)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    started, load_start = time.perf_counter(), os.getloadavg()
-    command = "python " + shlex.join(sys.argv)
-    torch.set_num_threads(args.threads)
+    run = Run(threads=args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args.layers, args.seq)
+    model = smollm2_llama(args.layers, args.seq)
     handle = dropbp.apply(model, drop_rate=0.0, auto_step=False)
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
-    with torch.no_grad():
-        model(input_ids=input_ids)  # the first forward counts each branch's FLOPs
+    with handle.paused():
+        model(input_ids=input_ids)  # a training forward (nothing dropped) counts each branch's FLOPs
     f_half = handle.dropped_flops_fraction(config_masks(handle)["half"][0])
     print(f"{args.layers} layers, {len(handle.branches)} branches, half-mask FLOP fraction {f_half:.4f}, "
           f"{args.threads} threads, load average {os.getloadavg()}", flush=True)
@@ -276,20 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     sens_ids = input_ids[: args.sens_batch]
     sens_times, sens_values = time_sensitivity(handle, lambda: model(input_ids=sens_ids, labels=sens_ids).loss,
                                                args.sens_repeats)
-    summary = summarise(times, f_half, act_bytes, sens_times, sens_values)
-    runtime = time.perf_counter() - started
-    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-               "platform": platform.platform(), "python": platform.python_version(),
-               "processor": platform.processor(), "load_average_start": load_start,
-               "load_average_end": os.getloadavg(), "dropbp": dropbp_source(),
-               "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
-    report = markdown_report(args, summary, command, runtime, (load_start, machine["load_average_end"]),
-                             machine["env"])
+    summary = summarise_all(times, f_half, act_bytes, sens_times, sens_values)
+    run.finish()
+    report = markdown_report(args, summary, run)
     print(report)
-    record = {"command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "optimizer": "AdamW(lr=1e-5)", "machine": machine, "runtime_s": runtime,
-              "raw_step_times_s": times, "raw_sensitivity_times_s": sens_times, **summary}
-    write_results(args.out, "core", record, report)
+    record = {"command": run.command, "args": args_record(args), "optimizer": "AdamW(lr=1e-5)",
+              "machine": run.machine(), "runtime_s": run.runtime_s, "raw_step_times_s": times,
+              "raw_sensitivity_times_s": sens_times, **summary}
+    run.write(args.out, "core", record, report)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ How
     ``zero_grad(set_to_none=True)``, timed on every rank after a barrier; a round's step time is
     the slowest rank's. Round r uses global batch r (the same for every variant; each rank takes
     its ``--batch`` rows). ``--warmup`` untimed rounds (DDP rebuilds its buckets after the first
-    backward), then ``--rounds`` interleaved rounds in the order above; medians, ratios to ``ddp``.
+    backward), then ``--rounds`` interleaved rounds in the order above (``harness.interleaved``);
+    medians, ratios to ``ddp``.
 
     Allreduce volume, in separate untimed steps on fresh copies: a DDP communication hook that
     records each gradient bucket's bytes before the usual allreduce, and a profiler pass that
@@ -48,10 +49,7 @@ import gc
 import json
 import math
 import os
-import platform
-import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,8 +58,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import ENV_PREFIXES, dropbp_source, write_atomic, write_results  # noqa: E402
+from dropbp.app.files import write_json
+
+from harness import RESULTS, Run, args_record, dropbp_source, interleaved, medians, ratios, spreads, timing_env
 
 VARIANTS = ("ddp", "ddp_fu", "ddp_fu_p0", "ddp_fu_p05", "local", "local_p05")
 # variant -> (DDP find_unused_parameters or None for no DDP, DropBP drop rate or None)
@@ -87,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights, batches and the DropBP masks")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 layers, hidden 128, batch 2 x seq 64, 3 rounds, writes ddp_quick.*")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)  # set by the launcher: run as a rank
     args = p.parse_args(argv)
     if args.quick:
@@ -135,9 +134,9 @@ def make_variant(base, name: str, args, comm_hook=None):
 
 
 def train_step(wrapper, optimizer, input_ids) -> float:
+    """One step, timed on this rank after a barrier (the harness collects garbage before it)."""
     import torch.distributed as dist
 
-    gc.collect()
     dist.barrier()
     start = time.perf_counter()
     loss = wrapper(input_ids=input_ids, labels=input_ids).loss
@@ -220,30 +219,21 @@ def measure_volume(base, name: str, args, rank: int, world: int) -> dict:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    import dropbp
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     base = build_model(args)
     variants = {name: make_variant(base, name, args) for name in VARIANTS}
     probe = variants["local_p05"][3]
-    with torch.no_grad(), probe.paused():  # count branch FLOPs without advancing its mask stream
+    with probe.paused():  # a training forward counts branch FLOPs; paused: the mask stream stays put
         variants["local_p05"][1](input_ids=local_batch(args, 0, rank, world))
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for round_ in range(args.warmup + args.rounds):
-        ids = local_batch(args, round_, rank, world)
-        row = {}
-        for name in VARIANTS:
-            wrapper, _, optimizer, _ = variants[name]
-            row[name] = train_step(wrapper, optimizer, ids)
-        warm = round_ < args.warmup
-        if not warm:
-            for name, t in row.items():
-                times[name].append(t)
-        if rank == 0:
-            print(f"  round {round_}{' (warm-up)' if warm else ''}: "
-                  + "  ".join(f"{n} {t:.3f}s" for n, t in row.items()), flush=True)
+
+    def step(variant: tuple):
+        wrapper, _, optimizer, _ = variant
+        return lambda round_: train_step(wrapper, optimizer, local_batch(args, round_, rank, world))
+
+    times = interleaved({name: step(variants[name]) for name in VARIANTS}, args.rounds, warmup=args.warmup,
+                        log=(lambda line: print(line, flush=True)) if rank == 0 else None)
     masks_agree = len({tuple(variants[v][3].mask) for v in ("ddp_fu_p05", "local_p05")}) == 1
     stats = variants["ddp_fu_p05"][3].drop_statistics(reset=False)
     flops = probe.flops
@@ -258,9 +248,8 @@ def worker(args) -> None:
                   "branches": [b.name for b in probe.branches],
                   "param_count": sum(p.numel() for p in base.parameters()),
                   "param_tensors": len(list(base.parameters())),
-                  "threads": torch.get_num_threads(), "dropbp": dropbp_source(),
-                  "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
-        write_atomic(args.worker_result, json.dumps(record) + "\n")
+                  "threads": torch.get_num_threads(), "dropbp": dropbp_source(), "env": timing_env()}
+        write_json(args.worker_result, record, dumps=json.dumps)
     dist.destroy_process_group()
 
 
@@ -284,7 +273,7 @@ def launch(args, argv: list[str]) -> dict:
 def summarise(raw: dict) -> dict:
     per_rank = [r["times"] for r in raw["per_rank"]]
     steps = {v: [max(r[v][i] for r in per_rank) for i in range(len(per_rank[0][v]))] for v in VARIANTS}
-    med = {v: statistics.median(t) for v, t in steps.items()}
+    med = medians(steps)
     vol0 = raw["per_rank"][0]["volume"]
     volume = {}
     for v in DDP_VARIANTS:
@@ -303,8 +292,8 @@ def summarise(raw: dict) -> dict:
     return {
         "step_times_s": steps,
         "median_s": med,
-        "spread_s": {v: [min(t), max(t)] for v, t in steps.items()},
-        "ratio_to_ddp": {v: med[v] / med["ddp"] for v in VARIANTS},
+        "spread_s": spreads(steps),
+        "ratio_to_ddp": ratios(med, "ddp"),
         "ddp_cost_s": {"no_dropbp": med["ddp"] - med["local"], "dropbp_p05": med["ddp_fu_p05"] - med["local_p05"]},
         "ratios": {
             "find_unused_flag": med["ddp_fu"] / med["ddp"],
@@ -320,20 +309,20 @@ def summarise(raw: dict) -> dict:
     }
 
 
-def markdown_report(args, raw, s, command, runtime_s, load) -> str:
+def markdown_report(args, raw, s, run: Run) -> str:
     r = s["ratios"]
     mb = lambda n: f"{n / 2**20:.2f}"  # noqa: E731
     flops = raw["branch_forward_flops"]
     lines = [
         "# DropBP under DistributedDataParallel: overhead and allreduce volume", "",
-        f"Command: `{command}`  ",
+        f"Command: `{run.command}`  ",
         f"Model: random Llama (LlamaConfig: hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
         f"{args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}; {raw['param_count'] / 1e6:.2f} M parameters, "
         f"{len(raw['branches'])} branches, {sum(flops) / 1e9:.2f} GFLOP branch forward per rank step), fp32, full "
         f"fine-tuning, AdamW, sdpa. {raw['world_size']} gloo processes x {raw['threads']} thread on {os.cpu_count()} "
         f"CPUs, batch {args.batch} x seq {args.seq} per rank, torch {torch.__version__}. {args.warmup} warm-up + "
         f"{args.rounds} interleaved timed rounds; a round's step time is the slowest rank's; total run "
-        f"{runtime_s:.0f}s.", "",
+        f"{run.runtime_s:.0f}s.", "",
         "| variant | DDP | DropBP | median step (s) | min..max (s) | ratio to ddp |",
         "|---|---|---|---:|---:|---:|",
     ]
@@ -389,8 +378,7 @@ def markdown_report(args, raw, s, command, runtime_s, load) -> str:
         f"per-parameter 'used' map per step ({fu_extra} bytes more than `ddp` here; its non-float allreduces "
         f"[elements, dtype]: {fu_sizes}; the model has {raw['param_tensors']} parameter tensors). Every collective "
         f"of the last `ddp_fu_p05` volume step: {others}.", "",
-        f"Load average (1 min) at start / end: {load[0][0]:.2f} / {load[1][0]:.2f}; environment: "
-        f"{raw['env'] or 'default'}. Times are from a shared machine: read the ratios, not the absolute seconds.", "",
+        run.footer(raw["env"], env_label="environment"), "",
     ]
     return "\n".join(lines)
 
@@ -401,29 +389,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker_result is not None:
         worker(args)
         return
-    started, load_start = time.perf_counter(), os.getloadavg()
-    command = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    command = (command + " python " + shlex.join(sys.argv)).strip()  # the environment make bench sets
+    run = Run()
     raw = launch(args, argv)
     summary = summarise(raw)
-    runtime = time.perf_counter() - started
-    load_end = os.getloadavg()
-    report = markdown_report(args, raw, summary, command, runtime, (load_start, load_end))
+    run.finish()
+    report = markdown_report(args, raw, summary, run)
     print(report)
-    machine = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-               "python": platform.python_version(), "load_average_start": load_start,
-               "load_average_end": load_end, "dropbp": raw.pop("dropbp"), "worker_env": raw["env"],
+    machine = {**run.machine(threads=False, env=False), "dropbp": raw.pop("dropbp"), "worker_env": raw["env"],
                "threads_per_rank": raw["threads"]}
-    record = {"command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                                           if k != "worker_result"},
-              "optimizer": "AdamW(lr=1e-5)", "machine": machine, "runtime_s": runtime,
+    record = {"command": run.command, "args": args_record(args, skip=("worker_result",)),
+              "optimizer": "AdamW(lr=1e-5)", "machine": machine, "runtime_s": run.runtime_s,
               "world_size": raw["world_size"], "param_count": raw["param_count"], "branches": raw["branches"],
               "branch_forward_flops": raw["branch_forward_flops"], "drop_statistics_p05": raw["drop_statistics_p05"],
               "masks_agree": raw["masks_agree"],
               "raw_step_times_per_rank_s": [r["times"] for r in raw["per_rank"]],
               "raw_volume_per_rank": [r["volume"] for r in raw["per_rank"]], **summary}
-    stem = "ddp_quick" if args.quick else "ddp"
-    write_results(args.out, stem, record, report)
+    run.write(args.out, "ddp_quick" if args.quick else "ddp", record, report)
 
 
 if __name__ == "__main__":
