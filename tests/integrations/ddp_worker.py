@@ -8,6 +8,15 @@ Modes:
     train-checkpointing
                the same with Hugging Face gradient checkpointing (non-reentrant, the default).
     mismatch   check_ranks=True with different drop rates per rank: every rank must raise.
+
+A process must not reach interpreter exit while a gloo worker thread is still releasing a
+finished collective: releasing a tensor created in Python takes the GIL, and a thread that
+asks for it during finalization is ended inside a C++ destructor (std::terminate, SIGABRT).
+``destroy_process_group`` does not join the default group's threads here, because
+DistributedDataParallel keeps that group alive, so the worker's own comparisons run on a gloo
+group of its own, destroyed (its threads joined) before the worker returns. DropBP does the
+same for its collectives (dropbp.distributed), which the mismatch mode checks: nothing in the
+worker covers for it there.
 """
 
 import argparse
@@ -43,6 +52,20 @@ def start_worker(modes: list[str]) -> tuple[argparse.Namespace, int, torch.nn.Mo
     return args, dist.get_rank(), model
 
 
+def gloo_threads() -> list[str] | None:
+    """Names of this process's gloo threads (C++ threads, which ``threading`` does not list); None without /proc."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return sorted(name for name in names if "gloo" in name)
+
+
 def main() -> None:
     args, rank, model = start_worker(["train", "train-checkpointing", "no-unused", "mismatch"])
     if args.mode in ("mismatch", "no-unused"):  # the first training forward must raise on every rank
@@ -52,13 +75,20 @@ def main() -> None:
         else:
             dropbp.apply(model, drop_rate=0.5)
             ddp, expected = DistributedDataParallel(model), ValueError
+        before = after = gloo_threads()
         try:
             ddp(global_batch(0), labels=global_batch(0))
         except expected as error:
             (args.out / f"error-{rank}.txt").write_text(str(error))
+            # Uncaught, the error ends the process with its traceback (every frame) alive: by then
+            # DropBP's group, made by this forward's check, must be gone and its threads joined, or
+            # one may still be releasing the all_gather when the interpreter finalizes.
+            after = gloo_threads()
+        assert after == before, f"gloo threads left behind by the error: {before} -> {after}"
         dist.destroy_process_group()
         return
 
+    checks = dist.new_group(backend="gloo")  # the worker's own comparisons (see the module docstring)
     if args.mode == "train-checkpointing":
         model.gradient_checkpointing_enable()
     handle = dropbp.apply(model, drop_rate=0.5, seed=7, check_ranks=True)
@@ -70,18 +100,20 @@ def main() -> None:
         for name, p in model.named_parameters():
             grad = p.grad if p.grad is not None else torch.full_like(p, float("nan"))
             gathered = [torch.empty_like(grad) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, grad)
+            dist.all_gather(gathered, grad, group=checks)
             assert torch.equal(gathered[0].nan_to_num(7.0), gathered[1].nan_to_num(7.0)), f"{name} differs"
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     local = global_batch(99)[rank * PER_RANK : (rank + 1) * PER_RANK]
     rates = handle.calibrate([lambda: model(local, labels=local).loss], target=0.5)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rates)
+    dist.all_gather_object(gathered, rates, group=checks)
     assert gathered[0] == gathered[1], "allocated rates differ between ranks"
     if rank == 0:
         torch.save({"state": model.state_dict(), "rates": rates, "masks_seen": handle.step_count},
                    args.out / f"{args.mode}.pt")
+    dist.destroy_process_group(checks)
+    del checks  # the last reference: the group's destructor joins its threads
     dist.destroy_process_group()
 
 
