@@ -28,7 +28,8 @@ API
         record (torch, threads, CPUs, platform, load average at start and end, git commit and dirty
         state of the checkout and of ``src/dropbp``, timing-relevant environment variables);
         ``run.footer(...)`` is the report's closing line; ``run.write(out, stem, record, report)``
-        writes ``<stem>.json`` and ``<stem>.md`` atomically (``dropbp.app.files``).
+        writes ``<stem>.json`` and ``<stem>.md`` atomically (``write_result``: ``dropbp.app.files``'s
+        ``atomic_path``, the files readable as if written in place).
     ``smollm2_llama(layers, seq, use_cache=False)``, ``layer_of(branch_name)``
         The random-weight SmolLM2-shaped model the single-process benchmarks share.
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import shlex
@@ -51,12 +53,12 @@ from typing import Any
 import torch
 
 import dropbp
-from dropbp.app.files import write_json, write_text
+from dropbp.app.files import atomic_path
 
 __all__ = [
     "ENV_PREFIXES", "REPO", "RESULTS", "Run", "args_record", "command_line", "cpu_and_wall", "dropbp_source",
     "git_state", "interleaved", "layer_of", "medians", "paired_ratios", "ratios", "say", "smollm2_llama", "spreads",
-    "summarise", "timing_env", "verdict",
+    "summarise", "timing_env", "verdict", "write_result",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,9 +271,26 @@ class Run:
     def write(out: Path, stem: str, record: dict, report: str) -> tuple[Path, Path]:
         """``<out>/<stem>.json`` (everything measured) and ``<stem>.md`` (the report), each atomically."""
         paths = Path(out) / f"{stem}.json", Path(out) / f"{stem}.md"
-        write_json(paths[0], record)
-        write_text(paths[1], report)
+        write_result(paths[0], json.dumps(record, indent=2) + "\n")
+        write_result(paths[1], report)
         return paths
+
+
+def write_result(path: Path, text: str) -> None:
+    """Write ``text`` atomically (``dropbp.app.files.atomic_path``), readable like any file written here.
+
+    The temporary file behind the atomic rename is created private (0600); results are meant to be
+    read by others, so it gets the mode a plain ``open(path, "w")`` would give before the rename.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        tmp.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------------- shared model
