@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 import dropbp
-from dropbp.app.files import atomic_path
+from dropbp.app.files import write_text
 
 __all__ = [
     "ENV_PREFIXES", "REPO", "RESULTS", "Run", "args_record", "command_line", "cpu_and_wall", "dropbp_source",
@@ -277,20 +277,8 @@ class Run:
 
 
 def write_result(path: Path, text: str) -> None:
-    """Write ``text`` atomically (``dropbp.app.files.atomic_path``), readable like any file written here.
-
-    The temporary file behind the atomic rename is created private (0600); results are meant to be
-    read by others, so it gets the mode a plain ``open(path, "w")`` would give before the rename.
-    """
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-        tmp.chmod(0o666 & ~_umask())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """Write ``text`` atomically (``dropbp.app.files.write_text``)."""
+    write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------- shared model

@@ -97,3 +97,14 @@ def test_atomic_dir_creates_a_new_folder_and_clears_a_stale_partial(tmp_path):
         (out / "a.txt").write_text("a")
     assert [p.name for p in final.iterdir()] == ["a.txt"]
     assert [p.name for p in final.parent.iterdir()] == ["run"]
+
+
+def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
+    import os
+
+    from dropbp.app.files import write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_text(tmp_path / "atomic.txt", "x")
+    assert os.stat(tmp_path / "atomic.txt").st_mode == os.stat(plain).st_mode
