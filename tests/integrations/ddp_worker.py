@@ -52,18 +52,21 @@ def start_worker(modes: list[str]) -> tuple[argparse.Namespace, int, torch.nn.Mo
     return args, dist.get_rank(), model
 
 
-def gloo_threads() -> list[str] | None:
-    """Names of this process's gloo threads (C++ threads, which ``threading`` does not list); None without /proc."""
+def threads() -> dict[int, str] | None:
+    """This process's threads, C++ ones included (``threading`` lists only Python's): id -> name; None without /proc.
+
+    Compare them by id: gloo names its threads (``pt_gloo_runloop``) a moment after it starts them.
+    """
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return None
-    names = []
+    found = {}
     for task in tasks.iterdir():
         try:
-            names.append((task / "comm").read_text().strip())
+            found[int(task.name)] = (task / "comm").read_text().strip()
         except OSError:  # a thread that ended meanwhile
             continue
-    return sorted(name for name in names if "gloo" in name)
+    return found
 
 
 def main() -> None:
@@ -75,7 +78,7 @@ def main() -> None:
         else:
             dropbp.apply(model, drop_rate=0.5)
             ddp, expected = DistributedDataParallel(model), ValueError
-        before = after = gloo_threads()
+        before = after = threads()
         try:
             ddp(global_batch(0), labels=global_batch(0))
         except expected as error:
@@ -83,8 +86,9 @@ def main() -> None:
             # Uncaught, the error ends the process with its traceback (every frame) alive: by then
             # DropBP's group, made by this forward's check, must be gone and its threads joined, or
             # one may still be releasing the all_gather when the interpreter finalizes.
-            after = gloo_threads()
-        assert after == before, f"gloo threads left behind by the error: {before} -> {after}"
+            after = threads()
+        left = {tid: name for tid, name in (after or {}).items() if tid not in (before or {})}
+        assert not left, f"threads started by the failing forward are still running: {left}"
         dist.destroy_process_group()
         return
 
