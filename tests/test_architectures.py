@@ -37,6 +37,8 @@ CONFIGS = {
     "falcon": lambda: T.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, **TOKENS),
     "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=2,
                                word_embed_proj_dim=32, max_position_embeddings=64, **TOKENS),
+    "bloom": lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **TOKENS),
+    "mpt": lambda: T.MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **TOKENS),
 }
 
 # Not in the table: found by the generic fallback (decoder layer list + attention/MLP children).
@@ -45,6 +47,26 @@ FALLBACK = {
                                **TOKENS),
     "gptj": lambda: T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, **TOKENS),
 }
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "mpt"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_residual_inside_architectures_under_checkpointing(model_type, reentrant, batch):
+    """Spans that end before the residual add give the same gradients with gradient checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build(CONFIGS[model_type])
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        handle = dropbp.apply(model, auto_step=False)
+        handle.set_mask([True, False, False, True])
+        model(batch, labels=batch).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        assert (plain is None) == (checkpointed is None)
+        if plain is not None:
+            torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
 def build(make_config):
@@ -126,8 +148,56 @@ def test_llama_order_and_explicit_patterns():
 
 
 def test_nested_patterns_are_refused():
-    with pytest.raises(ValueError, match="nested inside branch 'model.layers.0'"):
-        resolve_branches(build(CONFIGS["llama"]), ["model.layers.0", "*.mlp"])
+    with pytest.raises(ValueError, match="nested inside branch 'model.layers.0.mlp'"):
+        resolve_branches(build(CONFIGS["llama"]), ["model.layers.0.mlp", "*.mlp.up_proj"])
+
+
+def test_whole_decoder_layer_is_refused():
+    with pytest.raises(ValueError, match="'model.layers.0' as a branch: it is a whole decoder layer") as error:
+        resolve_branches(build(CONFIGS["llama"]), ["model.layers.*"])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("model_type", "patterns", "module"), [
+    ("bloom", ["*.h.*.self_attention", "*.h.*.mlp"], "transformer.h.0.self_attention"),
+    ("mpt", ["*.blocks.*.ffn"], "transformer.blocks.0.ffn"),
+])
+def test_modules_that_take_the_residual_are_refused(model_type, patterns, module):
+    with pytest.raises(ValueError, match=f"cannot pick '{module}' as a branch: its forward takes the residual"):
+        resolve_branches(build(CONFIGS[model_type]), patterns)
+
+
+def all_dropped_stream_gradients(model, batch):
+    """With every branch dropped: gradients at the first layer's input and the last layer's output."""
+    layers = model.transformer.h if hasattr(model.transformer, "h") else model.transformer.blocks
+    seen = {}
+
+    def start(module, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_()
+        seen["start"] = x
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def end(module, args, output):
+        seen["end"] = output[0] if isinstance(output, tuple) else output
+        seen["end"].retain_grad()
+
+    hooks = [layers[0].register_forward_pre_hook(start, with_kwargs=True, prepend=True),
+             layers[-1].register_forward_hook(end)]
+    handle = dropbp.apply(model, auto_step=False)
+    handle.set_mask([True] * len(handle.branches))
+    loss = model(batch, labels=batch).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return seen["start"].grad, seen["end"].grad
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "mpt"])
+def test_residual_inside_architectures_keep_the_stream_intact(model_type, batch):
+    """The reference: with every branch dropped each layer is the identity, so the gradient passes unchanged."""
+    start, end = all_dropped_stream_gradients(build(CONFIGS[model_type]), batch)
+    assert start is not None and bool(start.abs().sum() > 0)
+    torch.testing.assert_close(start, end, rtol=0, atol=0)
 
 
 def test_unknown_architecture_lists_supported_ones():
@@ -182,3 +252,18 @@ def test_names_see_through_wrapper_modules(model_type, batch):
         assert (got is None) == (expected is None)
         if got is not None:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_span_whose_last_module_never_runs_is_refused(batch):
+    """Bloom with slow_but_exact multiplies by dense.weight directly: the span would never close."""
+    model = build(lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, pretraining_tp=2, slow_but_exact=True,
+                                        **TOKENS))
+    model.train()
+    handle = dropbp.apply(model, drop_rate=0.5, auto_step=False)
+    handle.set_mask([True, False, False, False])
+    with pytest.raises(dropbp.DropBPError, match="started but its last module never ran"):
+        model(batch, labels=batch)
+    assert torch.is_grad_enabled()
+    handle.set_mask([False] * 4)  # nothing dropped: the hooks still see the span open, and still refuse
+    with pytest.raises(dropbp.DropBPError, match="query_key_value..dense"):
+        model(batch, labels=batch)

@@ -273,7 +273,8 @@ def test_plain_module_with_branch_patterns():
         (lambda m: dropbp.apply(m, drop_rate=-0.1), r"drop_rate must be in \[0, 1\)"),
         (lambda m: dropbp.apply(m, drop_rate=float("nan")), r"drop_rate must be in \[0, 1\)"),
         (lambda m: dropbp.apply(m, branches=["*.nothing"]), "match no module"),
-        (lambda m: dropbp.apply(m, branches=["*.layers.*", "*.layers.*.mlp"]), "nested inside"),
+        (lambda m: dropbp.apply(m, branches=["*.layers.*.mlp", "*.layers.*.mlp.up_proj"]), "nested inside"),
+        (lambda m: dropbp.apply(m, branches=["*.layers.*"]), "whole decoder layer"),
         (lambda m: dropbp.apply(m, branches=[]), "empty"),
     ],
 )

@@ -7,19 +7,27 @@ decoder layer list, plus layer children that are clearly attention or MLP.
 
 A pattern ``"<glob>..<sibling>"`` selects a *span*: from the module the glob matches to its
 sibling named ``<sibling>``, for architectures whose MLP is not one module (OPT's
-``fc1 -> activation -> fc2``).
+``fc1 -> activation -> fc2``), and for those whose attention or MLP module adds the residual
+inside its own ``forward`` (Bloom, MPT): the span ends at the last projection, before the add,
+so the residual stream keeps its gradient when the branch is dropped.
+
+The generic fallback never picks a module whose ``forward`` takes the residual as an
+argument; :func:`dropbp.check` verifies the rest on a tiny copy of the model.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["BRANCH_PATTERNS", "BranchSpec", "find_model_type", "resolve_branches"]
+__all__ = [
+    "BRANCH_PATTERNS", "BranchSpec", "branch_source", "find_model_type", "residual_argument", "resolve_branches",
+]
 
 _LLAMA_STYLE = ("*.layers.*.self_attn", "*.layers.*.mlp")
 
@@ -47,6 +55,11 @@ BRANCH_PATTERNS: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("*.layers.*.attention", "*.layers.*.mlp"),
     "falcon": ("*.h.*.self_attention", "*.h.*.mlp"),
     "opt": ("*.layers.*.self_attn", "*.layers.*.fc1..fc2"),
+    # BloomAttention and BloomMLP take the residual and add it inside their forward: the
+    # branches are spans that end at the output projection, before that add.
+    "bloom": ("*.h.*.self_attention.query_key_value..dense", "*.h.*.mlp.dense_h_to_4h..dense_4h_to_h"),
+    # MptMLP adds the residual inside (MptAttention does not).
+    "mpt": ("*.blocks.*.attn", "*.blocks.*.ffn.up_proj..down_proj"),
 }
 
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
@@ -124,6 +137,46 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
+_RESIDUAL_ARGUMENT = re.compile(r"residual|input_tensor|shortcut", re.IGNORECASE)
+
+
+def residual_argument(module: nn.Module) -> str | None:
+    """The name of a ``forward`` parameter through which ``module`` receives the residual, if any.
+
+    Such a module adds the residual inside (Bloom's ``forward(hidden_states, residual)``,
+    BERT's ``SelfOutput.forward(hidden_states, input_tensor)``): run without grad, it would
+    cut the residual stream, so it is never a branch as a whole.
+    """
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a builtin or C++ forward: nothing to read
+        return None
+    return next((name for name in parameters if _RESIDUAL_ARGUMENT.search(name)), None)
+
+
+def _refuse_residual_inside(model: nn.Module, specs: list[BranchSpec]) -> None:
+    """Refuse branches that add the residual inside: by their signature, or whole decoder layers."""
+    modules = dict(model.named_modules())
+    layers = _decoder_layers(model) if find_model_type(model) is not None else None
+    layer_ids = {id(layer) for layer in layers[1]} if layers is not None else set()
+    for spec in specs:
+        if id(modules[spec.start]) in layer_ids:
+            raise ValueError(
+                f"cannot use {spec.name!r} as a branch: it is a whole decoder layer, whose forward adds the residual, "
+                f"so dropping it would cut the gradient to every layer below; select its attention and MLP modules, "
+                f"e.g. '{layers[0]}.*.self_attn', and run dropbp.check(model, branches=...)"
+            )
+        if spec.start != spec.end:
+            continue
+        argument = residual_argument(modules[spec.start])
+        if argument is not None:
+            raise ValueError(
+                f"cannot pick {spec.name!r} as a branch: its forward takes the residual ({argument!r}) and adds it "
+                f"inside, so dropping it would cut the residual stream; pass branches= patterns of spans that end "
+                f"before the add, e.g. '{spec.name}.<first_proj>..<last_proj>', and run dropbp.check(model, branches=...)"
+            )
+
+
 def _fallback(model: nn.Module) -> list[BranchSpec]:
     found = _decoder_layers(model)
     if found is None:
@@ -155,6 +208,19 @@ def _check_not_nested(specs: list[BranchSpec]) -> None:
                 )
 
 
+def branch_source(model: nn.Module, branches: Sequence[str] | str | None = None) -> str:
+    """Where :func:`resolve_branches` takes the branches from.
+
+    Returns:
+        ``"patterns"`` (the caller's ``branches=``), ``"table"`` (a :data:`BRANCH_PATTERNS`
+        row) or ``"fallback"`` (the generic rule, which :func:`dropbp.verify.require_sound_branches`
+        verifies on the first training batch).
+    """
+    if branches is not None:
+        return "patterns"
+    return "table" if find_model_type(model) in BRANCH_PATTERNS else "fallback"
+
+
 def resolve_branches(model: nn.Module, branches: Sequence[str] | str | None = None) -> list[BranchSpec]:
     """Find the residual branches of ``model``.
 
@@ -171,7 +237,9 @@ def resolve_branches(model: nn.Module, branches: Sequence[str] | str | None = No
 
     Raises:
         ValueError: If nothing is found for an unknown architecture, if the patterns
-            match nothing, or if a matched module is nested in another.
+            match nothing, if a matched module is nested in another, or if a matched
+            module adds the residual inside (it takes the residual as an argument, or it
+            is a whole decoder layer of a Hugging Face model).
     """
     if branches is None:
         model_type = find_model_type(model)
@@ -198,5 +266,6 @@ def resolve_branches(model: nn.Module, branches: Sequence[str] | str | None = No
                 f"branch patterns {patterns} match no module; print [n for n, _ in model.named_modules()] "
                 "and pass fnmatch patterns of the attention and MLP modules"
             )
+    _refuse_residual_inside(model, specs)
     _check_not_nested(specs)
     return specs

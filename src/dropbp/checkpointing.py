@@ -271,7 +271,7 @@ class Replays:
             if now is None or not _same_rng(now, replay.rng_before):
                 return None
             _set_rng_state(replay.rng_after, replay.device)  # type: ignore[arg-type]
-        return (replay.output,)
+        return (_fresh_tensors(replay.output),)
 
     def remove(self) -> None:
         """Drop every kept output and restore every shadowed ``forward``."""
@@ -300,6 +300,22 @@ class Replays:
                             storage = t.untyped_storage()
                             storages[(t.device, storage.data_ptr())] = storage.nbytes()
         return sum(storages.values())
+
+
+def _fresh_tensors(value: Any) -> Any:
+    """``value`` with each tensor replaced by a new tensor object on the same storage.
+
+    The kept output was computed without grad, but its tensor objects may have been given a
+    ``grad_fn`` since: reentrant checkpointing sets its own node on every tensor its function
+    returns, and a layer may return a branch's output directly (MPT's attention weights).
+    Returned again in the recompute, that object would link the recompute's graph to the
+    first pass's checkpoint node, which the backward is already running.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if type(value) in (tuple, list):
+        return type(value)(_fresh_tensors(v) for v in value)
+    return value
 
 
 def make_replay(output: Any, rng_before: tuple, device: torch.device) -> Replay:

@@ -11,6 +11,7 @@ and, where it lives from a pre-hook to a post-hook, per thread.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dropbp import hooks
 from dropbp.checkpointing import ForwardContext, RecomputeKeys, Replays, make_replay, raise_ambiguous, rng_state
 from dropbp.distributed import require_find_unused
+from dropbp.errors import DropBPError
 
 if TYPE_CHECKING:
     from dropbp.handle import DropBPHandle
@@ -167,17 +169,32 @@ class Forwards:
         return None
 
     def close_frames(self, context: ForwardContext) -> None:
-        """Close what a forward that raised between a span's first and last module left open.
+        """Close what the forward left open between a span's first and last module.
 
-        Its FLOP counts are closed and the grad mode is restored, so the error leaks neither
-        a dispatch mode nor no-grad.
+        After an error, its FLOP counts are closed and the grad mode is restored, so the
+        error leaks neither a dispatch mode nor no-grad. A forward that returned normally
+        with a span still open skipped the span's last module (for example Bloom with
+        ``pretraining_tp > 1`` and ``slow_but_exact``, which multiplies by the weight
+        directly): everything after the span's start ran without grad, so this raises.
+
+        Raises:
+            DropBPError: If a span was left open by a forward that did not raise.
         """
+        unclosed = []
         for index, frames in self.thread.frames.items():
             while frames and frames[-1].context is context:
                 frame = frames.pop()
                 if frame.counting is not None:
                     self.handle._meter.stop(index, frame.counting, completed=False)
-                torch.set_grad_enabled(frame.grad_was_enabled)
+                unclosed.append(index)
+        if unclosed:
+            torch.set_grad_enabled(True)  # a forward gets a context only when it starts with grad on
+        if unclosed and sys.exc_info()[0] is None:  # always_call post-hooks also run while an error unwinds
+            branch = self.handle.branches[unclosed[0]]
+            raise DropBPError(
+                f"branch {branch.name!r} started but its last module never ran in this forward, so the rest of the "
+                "forward ran without gradients; pass branches= patterns whose modules the forward calls"
+            )
 
     def _check_ddp_wrapper(self) -> None:
         """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""

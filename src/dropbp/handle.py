@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
-from dropbp.architectures import BranchSpec, resolve_branches
+from dropbp.architectures import BranchSpec, branch_source, resolve_branches
 from dropbp.distributed import assert_same_on_all_ranks, require_find_unused
 from dropbp.errors import DropBPError
 from dropbp.flops import FlopMeter
@@ -73,6 +73,8 @@ class DropBPHandle:
         replay: Under gradient checkpointing, return a dropped branch's first-pass output in
             the recompute instead of running the branch again (exact; saves its FLOPs).
         sensitivities: The last sensitivities measured or loaded, else ``None``.
+        branch_source: Where the branches came from: ``"table"`` (the architecture table),
+            ``"fallback"`` (the generic rule) or ``"patterns"`` (``branches=``).
     """
 
     def __init__(
@@ -88,6 +90,9 @@ class DropBPHandle:
         for branch in self.branches:
             branch.drop_rate = drop_rate
         self.sensitivities: list[float] | None = None
+        # "table", "fallback" or "patterns": fallback branches are verified on the first batch by the
+        # callback and dropbp finetune (dropbp.verify.require_sound_branches).
+        self.branch_source = "patterns"
         self._step = 0
         self._mask = [False] * len(self.branches)
         self._drop_counts = [0] * len(self.branches)
@@ -524,6 +529,8 @@ def apply(
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
     specs = resolve_branches(model, branches)
-    return DropBPHandle(
+    handle = DropBPHandle(
         model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks, replay=replay
     )
+    handle.branch_source = branch_source(model, branches)
+    return handle
