@@ -73,3 +73,36 @@ def test_a_branch_that_raises_closes_its_count():
     with pytest.raises(RuntimeError, match="boom"):
         model(torch.ones(2, requires_grad=True))
     assert not torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+
+
+def test_a_dropped_branch_that_views_its_input_is_counted():
+    """A MoE router's ``hidden_states.view(-1, dim)`` under no_grad: a view that requires grad without a grad_fn.
+
+    torch's per-module FLOP tracker registered gradient hooks on it and failed on the first training forward.
+    """
+    import dropbp
+
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.gate(x.view(-1, 8)).view_as(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 8)
+            self.moe = Router()
+
+        def forward(self, x):
+            h = self.inp(x)
+            return h + self.moe(h)
+
+    model = Net()
+    handle = dropbp.apply(model, branches=["moe"], auto_step=False)
+    handle.set_mask([True])
+    model(torch.randn(2, 3, 8)).sum().backward()
+    assert handle.flops == [2 * 6 * 8 * 8]
+    assert model.moe.gate.weight.grad is None and model.inp.weight.grad is not None

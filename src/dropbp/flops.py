@@ -49,7 +49,30 @@ def flop_counter() -> FlopCounterMode:
     Returns:
         A context manager; read ``get_total_flops()`` after leaving it.
     """
-    return FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_ops())
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_ops())
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _TotalOnly()
+    return counter
+
+
+class _TotalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: every FLOP goes to the total.
+
+    The tracker hooks every module call and registers gradient hooks on its inputs that
+    require grad. Inside a dropped branch (run under ``no_grad``) a view of a grad-requiring
+    tensor, such as a MoE router's ``hidden_states.view(-1, dim)``, requires grad but has no
+    ``grad_fn``, and registering the hook fails ("Expected gradient function to be set").
+    DropBP reads only the total, so per-module attribution is not needed.
+    """
+
+    parents = frozenset({"Global"})
+    is_bw = False
+
+    def __enter__(self) -> _TotalOnly:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
 
 
 def _tensors(value: Any):
