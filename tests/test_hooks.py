@@ -145,3 +145,33 @@ def test_a_shallow_replica_is_refused_as_data_parallel_would_make_it(batch):
     replica.eval()
     with torch.no_grad():  # inference on a replica is untouched
         assert torch.equal(replica(batch).logits, model.eval()(batch).logits)
+
+
+def test_a_branch_that_returns_a_namedtuple_keeps_its_type():
+    """Reformer's attention returns a namedtuple; the anchor that keeps the loss differentiable must not make it a tuple."""
+    from collections import namedtuple
+
+    Output = namedtuple("Output", ["hidden_states", "weights"])
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return Output(self.proj(x), None)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention()
+
+        def forward(self, x):
+            return x + self.attn(x).hidden_states  # attribute access: a plain tuple would fail here
+
+    model = Net()
+    handle = dropbp.apply(model, branches=["attn"], auto_step=False)
+    handle.set_mask([True])  # the only trainable branch dropped: the anchor path
+    loss = model(torch.randn(2, 4)).sum()
+    loss.backward()
+    assert model.attn.proj.weight.grad is None

@@ -115,7 +115,10 @@ def replace_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
     """Return ``value`` with the tensor that :func:`first_tensor` finds replaced."""
     if isinstance(value, torch.Tensor):
         return tensor
-    return type(value)([tensor, *value[1:]]) if isinstance(value, list) else (tensor, *value[1:])
+    items = [tensor, *value[1:]]
+    if hasattr(value, "_make"):  # a namedtuple (Reformer's AttentionOutput): keep its fields
+        return type(value)._make(items)
+    return type(value)(items) if isinstance(value, list) else tuple(items)
 
 
 # ------------------------------------------------------------------ per-thread state
