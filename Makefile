@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench coverage clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ bench: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_ddp.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_checkpointing.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_generate.py
+
+# dropbp.check on every causal LM type in the installed transformers -> docs/architectures.md
+coverage: setup
+	$(PY) scripts/architecture_coverage.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

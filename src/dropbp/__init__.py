@@ -18,6 +18,7 @@ from dropbp.errors import DropBPError
 from dropbp.handle import DropBPHandle, apply, find_handle
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
+from dropbp.verify import CheckReport, check
 
 if TYPE_CHECKING:
     from dropbp.integrations.trainer import DropBPCallback
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Branch",
+    "CheckReport",
     "DropBPCallback",
     "DropBPConfig",
     "DropBPError",
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "allocate_drop_rates",
     "apply",
+    "check",
     "find_handle",
     "sample_mask",
 ]

@@ -65,6 +65,11 @@ BRANCH_PATTERNS: dict[str, tuple[str, ...]] = {
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP = re.compile(r"mlp|ffn|feed_?forward|moe|experts", re.IGNORECASE)
 _NORM = re.compile(r"norm|ln", re.IGNORECASE)
+# Cross-attention runs only with encoder states, which a decoder used as a causal LM never gets.
+_CROSS = re.compile(r"cross|encoder_attn", re.IGNORECASE)
+# Modules that carry the residual stream itself (hyper-connections, residual scales), whatever
+# branch they are named after: dropping them would cut the stream.
+_STREAM = re.compile(r"residual|connection|skip", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -166,14 +171,18 @@ def _refuse_residual_inside(model: nn.Module, specs: list[BranchSpec]) -> None:
                 f"so dropping it would cut the gradient to every layer below; select its attention and MLP modules, "
                 f"e.g. '{layers[0]}.*.self_attn', and run dropbp.check(model, branches=...)"
             )
-        if spec.start != spec.end:
-            continue
-        argument = residual_argument(modules[spec.start])
-        if argument is not None:
+        start = modules[spec.start]
+        inside = [start] if spec.start != spec.end else list(start.modules())
+        for module in inside:
+            argument = residual_argument(module)
+            if argument is None:
+                continue
+            where = "its forward" if module is start else f"its submodule {type(module).__name__}"
             raise ValueError(
-                f"cannot pick {spec.name!r} as a branch: its forward takes the residual ({argument!r}) and adds it "
-                f"inside, so dropping it would cut the residual stream; pass branches= patterns of spans that end "
-                f"before the add, e.g. '{spec.name}.<first_proj>..<last_proj>', and run dropbp.check(model, branches=...)"
+                f"cannot pick {spec.name!r} as a branch: {where} takes the residual ({argument!r}) and adds it "
+                f"inside, so dropping it would cut the residual stream; pass branches= patterns of modules or spans "
+                f"that end before the add, e.g. '{spec.name}.<first_proj>..<last_proj>', and run "
+                "dropbp.check(model, branches=...)"
             )
 
 
@@ -190,7 +199,9 @@ def _fallback(model: nn.Module) -> list[BranchSpec]:
             wrapper, inner = next(iter(children.items()))
             path, children = f"{path}.{wrapper}", dict(inner.named_children())
         for child, module in children.items():
-            if _NORM.search(child) or not any(True for _ in module.parameters()):
+            if _NORM.search(child) or _CROSS.search(child) or _STREAM.search(child):
+                continue
+            if not any(True for _ in module.parameters()):
                 continue
             if _ATTENTION.search(child) or _MLP.search(child):
                 name = f"{path}.{child}"

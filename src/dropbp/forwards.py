@@ -19,7 +19,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dropbp import hooks
-from dropbp.checkpointing import ForwardContext, RecomputeKeys, Replays, make_replay, raise_ambiguous, rng_state
+from dropbp.checkpointing import (
+    ForwardContext,
+    RecomputeKeys,
+    Replays,
+    make_replay,
+    raise_ambiguous,
+    rng_state,
+)
 from dropbp.distributed import require_find_unused
 from dropbp.errors import DropBPError
 

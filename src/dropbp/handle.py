@@ -496,7 +496,9 @@ def apply(
         drop_rate: Initial drop rate of every branch, in ``[0, 1)``.
         seed: Mask seed; use the same on every data-parallel rank.
         branches: fnmatch patterns over ``model.named_modules()`` names selecting the
-            residual branch modules. ``None`` auto-detects known architectures.
+            residual branch modules. ``None`` auto-detects known architectures; for other
+            Hugging Face models the generic fallback's branches are first verified on a
+            tiny random copy of the model (:func:`dropbp.verify.verify_fallback_on_a_tiny_copy`).
         auto_step: If True, every forward of ``model`` in training mode with grad enabled
             samples the next mask, so a manual loop needs nothing else.
         check_ranks: Debug option for data-parallel runs: at every step, one all_gather
@@ -515,7 +517,10 @@ def apply(
             unknown architecture without ``branches=``, a model that already has DropBP, a
             ``DistributedDataParallel`` wrapper without ``find_unused_parameters=True`` (also
             detected at the first training forward when DropBP is applied to the inner model),
-            or a ``torch.compile``-d model.
+            a ``torch.compile``-d model, or a branch that adds the residual inside (it takes
+            the residual as an argument, or is a whole decoder layer).
+        DropBPError: If the generic fallback's branches fail the structural checks on a
+            tiny copy of the model (they would cut the residual stream).
         RuntimeError: At the first training forward compiled by ``torch.compile`` (the whole
             model or any layer holding a branch): DropBP's per-step masks cannot live in a
             compiled graph. Compiled forwards in eval mode or under ``no_grad`` are fine.
@@ -528,9 +533,22 @@ def apply(
         require_find_unused(model)
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
+    handle = _attach(model, branches, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks,
+                     replay=replay)
+    if handle.branch_source == "fallback":
+        from dropbp.verify import verify_fallback_on_a_tiny_copy
+
+        try:
+            verify_fallback_on_a_tiny_copy(model)
+        except DropBPError:
+            handle.remove()
+            raise
+    return handle
+
+
+def _attach(model: nn.Module, branches: Sequence[str] | None, **settings: Any) -> DropBPHandle:
+    """Resolve the branches and attach the hooks, without the fallback's verification."""
     specs = resolve_branches(model, branches)
-    handle = DropBPHandle(
-        model, specs, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks, replay=replay
-    )
+    handle = DropBPHandle(model, specs, **{"seed": 0, "auto_step": True, "drop_rate": 0.5, **settings})
     handle.branch_source = branch_source(model, branches)
     return handle

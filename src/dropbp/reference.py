@@ -21,8 +21,11 @@ __all__ = ["detach_branches"]
 def _detach(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output.detach()
-    if isinstance(output, tuple):
-        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+    if isinstance(output, (tuple, list)):  # (output, weights) tuples, GPT-1's lists, Reformer's namedtuples
+        items = [o.detach() if isinstance(o, torch.Tensor) else o for o in output]
+        if hasattr(output, "_make"):
+            return type(output)._make(items)
+        return items if isinstance(output, list) else tuple(items)
     return output
 
 

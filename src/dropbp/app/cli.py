@@ -1,4 +1,4 @@
-"""The ``dropbp`` command: ``finetune`` (the main job), ``compare`` and ``sensitivity``.
+"""The ``dropbp`` command: ``finetune`` (the main job), ``compare``, ``sensitivity`` and ``check``.
 
 Options are generated from the fields of :class:`dropbp.app.finetune.FinetuneConfig` and
 :class:`dropbp.DropBPConfig`, so the CLI, the Python API and the Trainer callback share
@@ -16,6 +16,7 @@ from typing import Any
 
 from dropbp.app.finetune import FinetuneConfig
 from dropbp.config import DropBPConfig
+from dropbp.errors import DropBPError
 
 # DropBPConfig fields offered on the command line (the rest are Python-only).
 _DROPBP_OPTIONS = ("drop_rate", "max_rate", "sensitivity_at", "sensitivity_batches", "allocation")
@@ -79,7 +80,41 @@ def build_parser() -> argparse.ArgumentParser:
         fields=("model", "data", "method", "seq_len", "batch_size", "seed", "output_dir", "drop_rate", "max_rate",
                 "allocation"),
     )
+    check = commands.add_parser(
+        "check", help="Verify that DropBP trains a model exactly (on a tiny random copy unless --real-weights).",
+        description="Runs dropbp.check on a tiny random-weight model built from the config (seconds on CPU): "
+                    "one line per check; exit status 2 if any fails.")
+    check.add_argument("model", nargs="?", default=None,
+                       help="a local model folder or .gguf file, or a transformers model_type such as 'bloom' "
+                            "(default: the bundled SmolLM2-135M-Instruct)")
+    check.add_argument("--branches", nargs="+", metavar="PATTERN",
+                       help="fnmatch patterns of the branch modules (default: found as dropbp.apply finds them)")
+    check.add_argument("--real-weights", action="store_true",
+                       help="load the model folder's full weights instead of a tiny random copy of its config")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random masks and inputs (default: 0)")
     return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dropbp.app.models import load_config, load_weights
+    from dropbp.tiny import tiny_causal_lm
+    from dropbp.verify import check
+
+    is_path = args.model is None or Path(args.model).exists()
+    if args.real_weights:
+        if not is_path:
+            raise ValueError(f"--real-weights needs a local model folder, got {args.model!r}")
+        model = load_weights(args.model)
+        what = "real weights"
+    else:
+        model = tiny_causal_lm(load_config(args.model) if is_path else args.model, seed=args.seed)
+        what = "tiny random copy of the config"
+    report = check(model, args.branches, seed=args.seed)
+    report.model = f"{report.model}, {what}"
+    print(report)
+    return 0 if report.ok else 2
 
 
 def _configs(args: argparse.Namespace) -> FinetuneConfig:
@@ -131,9 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "check":
+            return _check(args)
         cfg = _configs(args)
         {"finetune": _finetune, "compare": _compare, "sensitivity": _sensitivity}[args.command](cfg)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, DropBPError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"dropbp {args.command}: error: {message}", file=sys.stderr)
         return 2

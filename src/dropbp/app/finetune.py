@@ -206,6 +206,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
         handle = dropbp.apply(
             model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step, replay=d.replay
         )
+        if handle.branch_source == "fallback":  # not a table architecture: verify before training on it
+            from dropbp.verify import require_sound_branches
+
+            require_sound_branches(model, handle, collate(tokenized[: cfg.batch_size], tokenizer.pad_token_id))
 
     with AtomicDir(final) as out:
         write_json(out / "config.json", cfg.to_dict())

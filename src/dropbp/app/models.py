@@ -61,8 +61,8 @@ def _locate(model: str | Path | None) -> tuple[Path, str | None]:
     raise ModelError(f"{str(path)!r} holds neither config.json nor a .gguf file; it is not a model folder")
 
 
-def max_positions(model: str | Path | None = None) -> int | None:
-    """The longest sequence the model's config allows, read without loading weights.
+def load_config(model: str | Path | None = None) -> Any:
+    """The model's Hugging Face config, read without loading weights.
 
     Raises:
         ModelError: If the folder is missing or is not a model.
@@ -72,10 +72,52 @@ def max_positions(model: str | Path | None = None) -> int | None:
     folder, gguf = _locate(model)
     extra = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
     try:
-        config = AutoConfig.from_pretrained(folder, **extra)
+        return AutoConfig.from_pretrained(folder, **extra)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"cannot read the model config in {str(folder)!r}: {str(error).strip()[:200]}") from None
-    return getattr(config, "max_position_embeddings", None)
+
+
+def max_positions(model: str | Path | None = None) -> int | None:
+    """The longest sequence the model's config allows, read without loading weights.
+
+    Raises:
+        ModelError: If the folder is missing or is not a model.
+    """
+    return getattr(load_config(model), "max_position_embeddings", None)
+
+
+def load_weights(model: str | Path | None = None, four_bit: bool = False) -> Any:
+    """Load a causal LM's weights (no tokenizer) from the bundled GGUF file or a local folder.
+
+    Args:
+        model: As for :func:`load_model`.
+        four_bit: Load the weights in 4-bit NF4 with bitsandbytes.
+
+    Returns:
+        The model, in fp32 unless 4-bit.
+
+    Raises:
+        ModelError: If the folder is missing, is not a model, or fails to load.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = _locate(model)
+    extra: dict[str, Any] = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    try:
+        if four_bit:
+            network = _load_4bit(folder, extra)
+        else:
+            network = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load model from {str(folder)!r}: {first}") from None
+    quantizer = getattr(network, "hf_quantizer", None)
+    if gguf is not None and not four_bit and quantizer is not None:
+        # GGUF weights were dequantized to fp32 on load, yet transformers still marks the model
+        # as GGUF-quantized, and the Trainer refuses to train such a model.
+        quantizer.remove_quantization_config(network)
+    return network
 
 
 def load_model(
@@ -95,8 +137,7 @@ def load_model(
     Raises:
         ModelError: If the folder is missing, is not a model, or fails to load.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder, gguf = _locate(model)
     extra: dict[str, Any] = {"local_files_only": True}
@@ -105,18 +146,10 @@ def load_model(
     four_bit = method == "qlora" if quantize_4bit is None else quantize_4bit
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        if four_bit:
-            network = _load_4bit(folder, extra)
-        else:
-            network = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"cannot load model from {str(folder)!r}: {first}") from None
-    quantizer = getattr(network, "hf_quantizer", None)
-    if gguf is not None and not four_bit and quantizer is not None:
-        # GGUF weights were dequantized to fp32 on load, yet transformers still marks the model
-        # as GGUF-quantized, and the Trainer refuses to train such a model.
-        quantizer.remove_quantization_config(network)
+        raise ModelError(f"cannot load the tokenizer from {str(folder)!r}: {first}") from None
+    network = load_weights(model, four_bit=four_bit)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return network, tokenizer

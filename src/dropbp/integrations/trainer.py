@@ -15,6 +15,7 @@ from dropbp.config import DropBPConfig
 from dropbp.errors import DropBPError
 from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
 from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
+from dropbp.verify import CallArguments, require_sound_branches
 
 __all__ = ["DropBPCallback"]
 
@@ -41,6 +42,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
       reentrant checkpointing function other than torch's with ``sensitivity_at`` set.
       torch's reentrant checkpointing (PEFT's ``prepare_model_for_kbit_training`` default)
       is switched to non-reentrant for the sensitivity measurement only.
+    - When the branches came from the generic fallback (an architecture outside the table),
+      the first training forward first checks on its batch that dropping them keeps the
+      residual stream intact (:func:`dropbp.verify.require_sound_branches`) and raises
+      :class:`~dropbp.DropBPError` if not.
     - After ``sensitivity_at * max_steps`` optimizer steps it measures each branch's
       sensitivity on the last ``sensitivity_batches`` training batches (averaged, and
       averaged over ranks) and allocates per-branch rates for the target ``drop_rate``.
@@ -70,6 +75,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         self._measured = False
         self._recent: deque = deque(maxlen=self.config.sensitivity_batches)
         self._recorder = None
+        self._verifier = None
 
     # ExportableState: what the Trainer writes into each checkpoint's trainer_state.json.
     def state(self) -> dict[str, Any]:
@@ -90,6 +96,14 @@ class DropBPCallback(TrainerCallback, ExportableState):
     def _record_batch(self, module, args: tuple, kwargs: dict) -> None:
         if module.training and torch.is_grad_enabled():
             self._recent.append((args, kwargs))
+
+    def _verify_first_batch(self, module, args: tuple, kwargs: dict) -> None:
+        """On the first training forward: refuse fallback branches that would cut the residual stream."""
+        if not (module.training and torch.is_grad_enabled()) or self._verifier is None:
+            return
+        self._verifier.remove()
+        self._verifier = None
+        require_sound_branches(module, self.handle, CallArguments(args, kwargs))
 
     def _run_first(self) -> None:
         """Move this callback to the front of the Trainer's callback list.
@@ -118,6 +132,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
                 replay=cfg.replay,
             )
         self.handle = handle
+        if handle.branch_source == "fallback" and self._verifier is None:
+            self._verifier = model.register_forward_pre_hook(self._verify_first_batch, with_kwargs=True)
         saved = self._saved_state(state)
         if state.global_step > 0 and saved.get("handle_state"):
             handle.load_state_dict(saved["handle_state"])
@@ -170,6 +186,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(extra)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._verifier is not None:
+            self._verifier.remove()
+            self._verifier = None
         if self._recorder is not None:
             self._recorder.remove()
             self._recorder = None
