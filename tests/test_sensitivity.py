@@ -128,3 +128,21 @@ def test_sensitivity_leaves_the_global_rng_where_it_was(llama, batch):
     before = torch.get_rng_state()
     handle.sensitivity(lambda: llama(batch, labels=batch).loss)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "mpt", "opt"])
+def test_fast_equals_definition_on_span_branches(model_type, batch):
+    """Spans (Bloom's and MPT's end before the residual add inside their module) against the definition."""
+    from dropbp.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(model_type)
+    batch = batch % model.config.vocab_size
+    handle = dropbp.apply(model)
+    # The detach reference cuts each branch at its last module's output, as the paper's code would.
+    names = [next(n for n, m in model.named_modules() if m is b.end_module) for b in handle.branches]
+    handle.remove()
+    expected = definition(model, batch, names, "grad_diff")
+    handle = dropbp.apply(model)
+    fast = handle.sensitivity(lambda: model(batch, labels=batch).loss)
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)
+    assert all(v > 0 for v in fast)
