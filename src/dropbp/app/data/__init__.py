@@ -1,19 +1,36 @@
 """Instruction data: the bundled data set, JSONL loading, tokenization and evaluation.
 
 The package ships ``train.jsonl`` (2,400 examples) and ``heldout.jsonl`` (240 examples),
-written deterministically by :mod:`dropbp.app.data.generate`. A user's own JSONL file of
-``{"prompt": ..., "response": ...}`` objects goes through the same functions.
+written deterministically by :mod:`dropbp.app.data.generate`. A user's own JSONL file goes
+through the same functions; each file uses one of two formats on every line:
+
+* prompt/response: ``{"prompt": "...", "response": "..."}``;
+* chat (the Hugging Face messages format): ``{"messages": [{"role": "system" | "user" |
+  "assistant", "content": "..."}, ...]}``. The training target is the last message, which
+  must be the assistant's; every message before it is the context.
 
 Importing this module needs only the standard library; torch and transformers are
 imported inside the functions that use them.
 
-Prompt format: the prompt is rendered with the tokenizer's chat template as a single user
-turn, ``[{"role": "user", "content": prompt}]``, with ``add_generation_prompt=True``; the
-response tokens follow, ended by the tokenizer's EOS token (for SmolLM2 and other ChatML
-models that is ``<|im_end|>``, the template's end of turn). Loss is taken only on the
-response tokens and that EOS. A tokenizer without a chat template gets the plain format
-``prompt + "\\n"`` instead. Training (:func:`tokenize_example`) and generation
-(:func:`generate_answers`) use the same prompt tokens.
+Internal representation: an example is a dict with ``"prompt"`` (the context) and
+``"response"`` (the answer to train on and to compare against in exact match). For a
+prompt/response line the dict is the line's object unchanged, and its string prompt stands
+for the single user turn ``[{"role": "user", "content": prompt}]``. A chat line keeps its
+keys (``"messages"`` holds the whole conversation) and gains ``"prompt"``, the list of
+messages before the last one, and ``"response"``, the content of the last (assistant)
+message. Every function that takes a prompt accepts either form and turns it into the
+same list of messages, so both formats share one tokenization path.
+
+Prompt format: the context messages are rendered with the tokenizer's chat template with
+``add_generation_prompt=True``; the response tokens follow, ended by the tokenizer's EOS
+token (for SmolLM2 and other ChatML models that is ``<|im_end|>``, the template's end of
+turn). Loss is taken only on the response tokens and that EOS, so in a multi-turn chat
+example only the last assistant message is trained on. A tokenizer without a chat template
+gets a plain format instead: a context of one user turn is ``prompt + "\\n"`` (the
+response starts on the next line); any other context is one ``"role: content"`` line per
+message followed by ``"assistant: "``, e.g. ``"system: Be brief.\\nuser: Hi\\nassistant: "``.
+Training (:func:`tokenize_example`) and generation (:func:`generate_answers`) use the same
+prompt tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +67,10 @@ IGNORE_INDEX = -100
 # numbers); a smaller budget would cut correct answers short.
 DEFAULT_MAX_NEW_TOKENS = 20
 SPLITS = ("train", "heldout")
+ROLES = ("system", "user", "assistant")
+
+# A prompt is either a string (one user turn) or a list of chat messages.
+Prompt = str | Sequence[Mapping[str, Any]]
 
 
 class DataError(ValueError):
@@ -70,14 +91,29 @@ def bundled_data_path(split: str) -> Path:
 
 
 def load_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL file of ``{"prompt": str, "response": str}`` objects.
+    """Read a JSONL file of prompt/response or chat examples (one format per file).
 
-    Extra keys are kept. Blank lines are skipped. A UTF-8 byte-order mark is allowed.
-    Any problem raises :class:`DataError` with a one-line message naming the file and, for
-    a bad line, its 1-based line number: ``data.jsonl line 17: invalid JSON (...)``,
-    ``data.jsonl line 3: missing "response"``, ``... "prompt" must be a string, got int``,
-    ``... "response" is empty``, ``data.jsonl: file not found``,
-    ``data.jsonl: no examples (the file is empty)``.
+    A prompt/response line ``{"prompt": str, "response": str}`` is returned unchanged. A chat
+    line ``{"messages": [{"role": ..., "content": ...}, ...]}`` is returned with its keys
+    plus ``"prompt"`` (the messages before the last) and ``"response"`` (the content of the
+    last message, which must be the assistant's); see the module docstring. Extra keys are
+    kept. Blank lines are skipped. A UTF-8 byte-order mark is allowed.
+
+    Args:
+        path: The JSONL file.
+
+    Returns:
+        One example dict per non-blank line, in file order.
+
+    Raises:
+        DataError: With a one-line message naming the file and, for a bad line, its 1-based
+            line number: ``data.jsonl line 17: invalid JSON (...)``,
+            ``data.jsonl line 3: missing "response"``,
+            ``... "prompt" must be a string, got number``, ``... "response" is empty``,
+            ``... message 2 has unknown role "tool"; ...``, ``... the last message is from
+            "user"; the last message must be the assistant's answer to train on ...``, a
+            chat line in a prompt/response file or the reverse,
+            ``data.jsonl: file not found``, ``data.jsonl: no examples (the file is empty)``.
     """
     name = os.fspath(path)
     file = Path(path)
@@ -93,6 +129,8 @@ def load_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         data = data[3:]
 
     examples: list[dict[str, Any]] = []
+    file_format: str | None = None  # "chat" or "prompt", set by the first example
+    first_line = 0
     # Split on b"\n" only: JSON strings cannot hold a raw newline, but str.splitlines would
     # also split on characters such as U+2028 that may appear inside a JSON string.
     for number, raw in enumerate(data.split(b"\n"), start=1):
@@ -108,22 +146,101 @@ def load_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(obj, dict):
+            expected = {
+                "prompt": 'with "prompt" and "response"',
+                "chat": 'with "messages"',
+                None: 'with "prompt" and "response" or with "messages"',
+            }[file_format]
+            raise DataError(f"{where}: expected a JSON object {expected}, got {_json_type(obj)}")
+        line_format = _line_format(obj) or file_format
+        if line_format is None:
             raise DataError(
-                f'{where}: expected a JSON object with "prompt" and "response", got {_json_type(obj)}'
+                f'{where}: missing "prompt" (give "prompt" and "response", or "messages" for the chat format)'
             )
-        for key in ("prompt", "response"):
-            if key not in obj:
-                raise DataError(f'{where}: missing "{key}"')
-            value = obj[key]
-            if not isinstance(value, str):
-                raise DataError(f'{where}: "{key}" must be a string, got {_json_type(value)}')
-            if not value.strip():
-                raise DataError(f'{where}: "{key}" is empty')
-        examples.append(obj)
+        if file_format is None:
+            file_format, first_line = line_format, number
+        elif line_format != file_format:
+            kinds = {"chat": 'chat ("messages")', "prompt": '"prompt"/"response"'}
+            raise DataError(
+                f"{where}: a {kinds[line_format]} example in a file of {kinds[file_format]} examples "
+                f"(line {first_line} is one); use one format for every line of a file"
+            )
+        examples.append(_chat_example(obj, where) if line_format == "chat" else _prompt_example(obj, where))
     if not examples:
         what = "the file is empty" if not data else "only blank lines"
         raise DataError(f"{name}: no examples ({what})")
     return examples
+
+
+def _line_format(obj: Mapping[str, Any]) -> str | None:
+    """``"prompt"`` if the object has a prompt/response key, ``"chat"`` if only ``"messages"``."""
+    if "prompt" in obj or "response" in obj:
+        return "prompt"
+    if "messages" in obj:
+        return "chat"
+    return None
+
+
+def _prompt_example(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    for key in ("prompt", "response"):
+        if key not in obj:
+            raise DataError(f'{where}: missing "{key}"')
+        value = obj[key]
+        if not isinstance(value, str):
+            raise DataError(f'{where}: "{key}" must be a string, got {_json_type(value)}')
+        if not value.strip():
+            raise DataError(f'{where}: "{key}" is empty')
+    return obj
+
+
+def _chat_example(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    if "messages" not in obj:
+        raise DataError(f'{where}: missing "messages" (a list of {{"role", "content"}} objects)')
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        got = "an empty array" if isinstance(messages, list) else _json_type(messages)
+        raise DataError(
+            f'{where}: "messages" must be a non-empty array of {{"role": ..., "content": ...}} objects, got {got}'
+        )
+    for index, message in enumerate(messages, start=1):
+        problem = _message_problem(index, message)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+    last = messages[-1]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f'{where}: no assistant message; end the conversation with {{"role": "assistant", "content": ...}}, '
+            f"the answer to train on"
+        )
+    if last["role"] != "assistant":
+        raise DataError(
+            f'{where}: the last message is from "{last["role"]}"; the last message must be the assistant\'s '
+            f"answer to train on (remove the messages after it or add the answer)"
+        )
+    if not last["content"].strip():
+        raise DataError(f'{where}: the last (assistant) message is empty; give the answer to train on as its "content"')
+    if len(messages) == 1:
+        raise DataError(
+            f"{where}: the conversation is only the assistant's answer; add the user message it answers before it"
+        )
+    return {**obj, "prompt": messages[:-1], "response": last["content"]}
+
+
+def _message_problem(index: int, message: Any) -> str | None:
+    """What is wrong with chat message number ``index`` (1-based), or None."""
+    if not isinstance(message, Mapping):
+        return f'message {index} must be an object with "role" and "content", got {_json_type(message)}'
+    role = message.get("role")
+    if not isinstance(role, str):
+        got = "it is missing" if "role" not in message else f"got {_json_type(role)}"
+        return f'message {index} needs a string "role" ({got}); use "system", "user" or "assistant"'
+    if role not in ROLES:
+        return f'message {index} has unknown role "{role}"; use "system", "user" or "assistant"'
+    content = message.get("content")
+    if not isinstance(content, str):
+        got = "it is missing" if "content" not in message else f"got {_json_type(content)}"
+        return f'message {index} needs a string "content" ({got}); give the message text as a string'
+    return None
 
 
 def _json_type(value: Any) -> str:
@@ -175,19 +292,51 @@ def _token_list(encoded: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+def _context_messages(prompt: Prompt) -> list[Mapping[str, Any]]:
+    """The chat messages a prompt stands for: a string is one user turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, Sequence):
+        raise DataError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    messages = list(prompt)
+    for index, message in enumerate(messages, start=1):
+        problem = _message_problem(index, message)
+        if problem:
+            raise DataError(f"bad prompt: {problem}")
+    return messages
+
+
+def _plain_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The prompt text for a tokenizer without a chat template (see the module docstring)."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"] + "\n"
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of ``prompt`` as the model sees it before its answer.
 
-    With a chat template: the template applied to one user turn with the generation prompt
-    (the special tokens come from the template, so no extra BOS is added). Without one:
-    ``prompt + "\\n"`` tokenized without special tokens.
+    With a chat template: the template applied to the context messages with the generation
+    prompt (the special tokens come from the template, so no extra BOS is added). Without
+    one: the plain format of the module docstring (``prompt + "\\n"`` for a single user
+    turn), tokenized without special tokens.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        prompt: A string (one user turn) or a list of ``{"role", "content"}`` messages, the
+            context before the answer (an example's ``"prompt"``).
+
+    Returns:
+        The prompt's token ids.
+
+    Raises:
+        DataError: If ``prompt`` is neither a string nor a list of valid chat messages.
     """
+    messages = _context_messages(prompt)
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
-        text = prompt + "\n"
+        text = _plain_prompt(messages)
     return _token_list(tokenizer(text, add_special_tokens=False))
 
 
@@ -205,15 +354,27 @@ def _pad_token_id(tokenizer: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def tokenize_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+def tokenize_example(tokenizer: Any, prompt: Prompt, response: str, max_length: int) -> dict[str, list[int]]:
     """Tokenize one example for causal-LM fine-tuning with loss on the response only.
 
-    Returns lists ``input_ids``, ``labels`` and ``attention_mask`` (no padding; see
-    :func:`collate`). ``input_ids`` is :func:`prompt_token_ids` followed by the response
-    tokens and EOS; ``labels`` is ``-100`` on the prompt tokens and equals ``input_ids`` on
-    the response tokens and EOS. Longer sequences are cut to ``max_length`` (dropping the
-    end of the response); a prompt that leaves no room for a response token raises
-    :class:`DataError`.
+    ``input_ids`` is :func:`prompt_token_ids` followed by the response tokens and EOS;
+    ``labels`` is ``-100`` on the prompt tokens (for a chat example: the system message and
+    every earlier turn) and equals ``input_ids`` on the response tokens and EOS. Longer
+    sequences are cut to ``max_length`` (dropping the end of the response).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with an EOS token.
+        prompt: An example's ``"prompt"``: a string (one user turn) or the list of context
+            messages of a chat example.
+        response: An example's ``"response"``: the answer to train on.
+        max_length: Most tokens kept, prompt included.
+
+    Returns:
+        Lists ``input_ids``, ``labels`` and ``attention_mask`` (no padding; see :func:`collate`).
+
+    Raises:
+        DataError: If ``max_length`` is below 2, the prompt leaves no room for a response
+            token, the prompt is malformed, or the tokenizer has no EOS token.
     """
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
@@ -269,7 +430,7 @@ def _model_device(model: Any) -> Any:
 def generate_answers(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
 ) -> list[str]:
@@ -277,6 +438,20 @@ def generate_answers(
 
     Prompts are built by :func:`prompt_token_ids` and left-padded within each batch. The
     model is put in eval mode and returned to its previous mode afterwards.
+
+    Args:
+        model: A causal LM with ``generate``.
+        tokenizer: Its tokenizer.
+        prompts: Examples' ``"prompt"`` values: strings or lists of chat context messages.
+        max_new_tokens: Most tokens generated per answer.
+        batch_size: Prompts generated together.
+
+    Returns:
+        One decoded answer per prompt, special tokens removed.
+
+    Raises:
+        ValueError: If ``batch_size`` is below 1.
+        DataError: If a prompt is malformed.
     """
     import torch
 
@@ -323,7 +498,22 @@ def exact_match_accuracy(
 ) -> float:
     """Fraction of ``examples`` whose greedy answer matches ``response`` (:func:`is_exact_match`).
 
-    Use :func:`generate_answers` to see the predictions themselves.
+    For a chat example the answer is compared with its last assistant message (its
+    ``"response"`` as :func:`load_examples` sets it). Use :func:`generate_answers` to see the
+    predictions themselves.
+
+    Args:
+        model: A causal LM with ``generate``.
+        tokenizer: Its tokenizer.
+        examples: Dicts with ``"prompt"`` and ``"response"``, as from :func:`load_examples`.
+        max_new_tokens: Most tokens generated per answer.
+        batch_size: Prompts generated together.
+
+    Returns:
+        The fraction of exact matches, from 0.0 to 1.0.
+
+    Raises:
+        ValueError: If ``examples`` is empty or ``batch_size`` is below 1.
     """
     if not examples:
         raise ValueError("exact_match_accuracy() needs at least one example")
@@ -343,8 +533,22 @@ def heldout_loss(
 ) -> float:
     """Mean cross-entropy per response token (EOS included) over all ``examples``.
 
-    Every response token counts the same (the mean is over tokens, not over batches). The
-    model is put in eval mode and returned to its previous mode afterwards.
+    Every response token counts the same (the mean is over tokens, not over batches); for a
+    chat example only the last assistant message and its EOS are scored. The model is put
+    in eval mode and returned to its previous mode afterwards.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        examples: Dicts with ``"prompt"`` and ``"response"``, as from :func:`load_examples`.
+        max_length: Most tokens per example (see :func:`tokenize_example`).
+        batch_size: Examples scored together.
+
+    Returns:
+        The mean loss per response token.
+
+    Raises:
+        ValueError: If ``examples`` is empty or ``batch_size`` is below 1.
     """
     import torch
     import torch.nn.functional as F
