@@ -271,3 +271,36 @@ def test_kept_bytes_are_the_dropped_outputs_until_the_recompute():
     assert handle.kept_for_replay_bytes() == LAYERS * hidden
     loss.backward()
     assert handle.kept_for_replay_bytes() == 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_batches_the_caller_keeps_do_not_confuse_a_later_recompute(reentrant):
+    """A training loop that keeps its batches (for logging, or for the sensitivity measurement).
+
+    Their tensors keep the earlier forwards' records alive. Under saved-tensor hooks that
+    hand back new tensors (activation offloading, compression) no record links the recompute to its
+    forward; it must still pick the forward whose backward is running, not refuse.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    def train(checkpointing: bool):
+        model = get_peft_model(tiny_llama(layers=LAYERS), LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        dropbp.apply(model, drop_rate=0.5, seed=5)
+        kept, grads = [], []
+        for x in batches(3):
+            batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+            # saved-tensor hooks that hand back copies, as activation offloading or compression does
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                loss = model(**batch).loss
+            loss.backward()
+            kept.append(batch)
+            grads.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
+            model.zero_grad(set_to_none=True)
+        return grads
+
+    for got, expected in zip(train(True), train(False)):
+        assert_same_grads(got, expected)

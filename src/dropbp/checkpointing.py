@@ -58,6 +58,7 @@ class ForwardContext:
         calls: How many times each branch ran in this forward (first pass only).
         kept: Branch index -> :class:`Replay` kept for the recompute.
         capture: Branch index -> outputs, while the sensitivity measurement records them.
+        in_backward: Whether a backward through this forward's outputs is running now.
     """
 
     mask: tuple[bool, ...]
@@ -65,6 +66,7 @@ class ForwardContext:
     calls: dict[int, int] = field(default_factory=dict)
     kept: dict[int, Replay] = field(default_factory=dict)
     capture: dict[int, list[torch.Tensor]] | None = None
+    in_backward: bool = False  # a backward through this forward's outputs is running now
 
     def __post_init__(self) -> None:
         with _ids_lock:

@@ -52,6 +52,19 @@ def refuse_compile() -> None:
     comptime(fail)
 
 
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output that a backward can start from (ModelOutput, tuple or tensor)."""
+    if isinstance(output, torch.Tensor):
+        values = [output]
+    elif isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = []
+    return [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
 class Forwards:
     """The per-forward routing behind one handle's hooks.
 
@@ -71,6 +84,7 @@ class Forwards:
         self._captured: ForwardContext | None = None
         self._checked_ddp: set[int] = set()
         self._anchor: torch.Tensor | None = None
+        self._running: dict[int, ForwardContext] = {}  # id -> a forward whose backward is running
 
     def new_context(self) -> ForwardContext:
         """The context of a training forward of the root module, with its mask."""
@@ -106,6 +120,8 @@ class Forwards:
     def enter_recompute(self, x: torch.Tensor | None, covers: tuple[int, ...]) -> None:
         """In a backward: if ``x`` was a training forward's input, its recompute starts here."""
         found = self.keys.lookup(x) if x is not None else []
+        if len(found) > 1 and self._running:  # forwards whose backward has ended are not recomputed now
+            found = [c for c in found if c.in_backward] or found
         if not found:
             return
         first = found[0]
@@ -122,12 +138,38 @@ class Forwards:
             recompute = state.recompute
             torch.autograd.Variable._execution_engine.queue_callback(recompute.clear)
 
+    def watch_backward(self, context: ForwardContext, output: Any) -> None:
+        """Mark ``context`` as in backward from when a backward reaches its outputs until it ends.
+
+        A recompute that no record links to its forward (the tensors recorded in the first
+        pass are gone) is then told apart from finished forwards whose inputs the caller
+        still holds (a batch kept for logging or for the sensitivity measurement).
+        """
+        nodes = {id(t.grad_fn): t.grad_fn for t in _output_tensors(output) if t.grad_fn is not None}
+        if not nodes:
+            return
+        running = self._running
+
+        def reached(*_: Any) -> None:
+            if not context.in_backward:
+                context.in_backward = True
+                running[id(context)] = context
+
+                def ended() -> None:
+                    context.in_backward = False
+                    running.pop(id(context), None)
+
+                torch.autograd.Variable._execution_engine.queue_callback(ended)
+
+        for node in nodes.values():
+            node.register_prehook(reached)
+
     def recompute_context(self, index: int) -> ForwardContext | None:
         """The training forward whose recompute calls branch ``index`` now (in a backward)."""
         context = self.thread.recompute.get(index)
         if context is not None:
             return context
-        live = self.keys.live_contexts()
+        live = list(self._running.values()) or self.keys.live_contexts()
         if not live:
             return None  # not the recompute of a training forward
         if any(c.mask[index] != live[0].mask[index] for c in live):

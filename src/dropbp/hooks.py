@@ -187,6 +187,7 @@ class RootHook:
         context = state.active.pop() if state.active else None
         if context is not None:
             handle._forwards.close_frames(context)
+            handle._forwards.watch_backward(context, output)
 
 
 class KeyHook:
