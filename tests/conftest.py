@@ -55,3 +55,15 @@ def byte_tokenizer(chat_template: str | None = CHATML):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>")
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A 2-layer random Llama with the byte-level ChatML tokenizer, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = byte_tokenizer()
+    model = tiny_llama(layers=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=256)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

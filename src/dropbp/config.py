@@ -37,6 +37,13 @@ class DropBPConfig:
     sensitivity_batches: int = field(
         default=1, metadata={"help": "Training batches averaged for the sensitivity measurement."}
     )
+    sensitivity_examples: int | None = field(
+        default=1,
+        metadata={
+            "help": "Examples of each batch the sensitivity is measured on (the first ones); None: the whole batch. "
+            "The measurement costs one partial backward per branch, so it scales with this."
+        },
+    )
     branches: list[str] | None = field(
         default=None,
         metadata={"help": "fnmatch patterns of residual-branch module names; None auto-detects."},
@@ -77,6 +84,8 @@ class DropBPConfig:
             )
         if self.sensitivity_at is not None and not 0.0 <= self.sensitivity_at < 1.0:
             raise ValueError(f"sensitivity_at must be in [0, 1) or None, got {self.sensitivity_at!r}")
+        if self.sensitivity_examples is not None and self.sensitivity_examples < 1:
+            raise ValueError(f"sensitivity_examples must be >= 1 or None, got {self.sensitivity_examples!r}")
         if self.sensitivity_batches < 1:
             raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches!r}")
         if self.allocation not in ("exact", "greedy"):

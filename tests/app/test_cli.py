@@ -3,20 +3,8 @@
 import json
 
 import pytest
-from conftest import byte_tokenizer, tiny_llama
 
 from dropbp.app.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = byte_tokenizer()
-    model = tiny_llama(layers=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=256)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def args(model_dir, out, *extra):

@@ -14,18 +14,24 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from dropbp.app.finetune import FinetuneConfig
+from dropbp.app.finetune import FinetuneConfig, Interrupted
 from dropbp.config import DropBPConfig
 from dropbp.errors import DropBPError
 
 # DropBPConfig fields offered on the command line (the rest are Python-only).
-_DROPBP_OPTIONS = ("drop_rate", "max_rate", "sensitivity_at", "sensitivity_batches", "allocation")
+_DROPBP_OPTIONS = (
+    "drop_rate", "max_rate", "sensitivity_at", "sensitivity_batches", "sensitivity_examples", "allocation",
+)
 # FinetuneConfig fields that are not plain options.
 _SPECIAL = {"dropbp", "use_dropbp", "overwrite"}
 
 
 def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "all") else int(text)
 
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None:
@@ -38,6 +44,11 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, default: A
     elif f.name == "sensitivity_at":
         kwargs["type"] = _optional_float
         kwargs["metavar"] = "FRACTION|none"
+    elif f.name == "sensitivity_examples":
+        kwargs["type"] = _optional_int
+        kwargs["metavar"] = "N|all"
+    elif hint is bool:
+        kwargs["action"] = "store_true"
     elif hint in (int, float):
         kwargs["type"] = hint
     elif int in typing.get_args(hint):
@@ -72,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(finetune)
     finetune.add_argument("--no-dropbp", action="store_true", help="Run the plain baseline without DropBP.")
+    finetune.add_argument("--resume", metavar="RUN_DIR",
+                          help="Continue the interrupted run in RUN_DIR (its --output-dir) from its last checkpoint, "
+                               "with the settings it was started with; other options are ignored.")
     compare = commands.add_parser("compare", help="Run the baseline and DropBP side by side and print a table.")
     _add_run_options(compare)
     sensitivity = commands.add_parser("sensitivity", help="Print and plot each branch's sensitivity and rate.")
@@ -126,10 +140,10 @@ def _configs(args: argparse.Namespace) -> FinetuneConfig:
                           dropbp=dropbp_config)
 
 
-def _finetune(cfg: FinetuneConfig) -> None:
-    from dropbp.app.finetune import run_finetune
+def _finetune(cfg: FinetuneConfig, resume: str | None = None) -> None:
+    from dropbp.app.finetune import resume_config, run_finetune
 
-    result = run_finetune(cfg)
+    result = run_finetune(resume_config(resume), resume=True) if resume else run_finetune(cfg)
     s = result.summary
     print(f"held-out accuracy {s['before']['accuracy']:.3f} -> {s['after']['accuracy']:.3f}, "
           f"held-out loss {s['before']['heldout_loss']:.3f} -> {s['after']['heldout_loss']:.3f}")
@@ -144,6 +158,9 @@ def _compare(cfg: FinetuneConfig) -> None:
     result = run_compare(cfg)
     print(format_table(result["rows"]))
     print(f"step-time speed-up: {result['speedup_step_time']:.2f}x")
+    ratio = result["time_to_quality_ratio"]
+    print("DropBP's training clock to the baseline's final held-out loss: "
+          + ("not reached" if ratio is None else f"{ratio:.2f}x the baseline's whole run (evaluation excluded)"))
 
 
 def _sensitivity(cfg: FinetuneConfig) -> None:
@@ -169,11 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         cfg = _configs(args)
-        {"finetune": _finetune, "compare": _compare, "sensitivity": _sensitivity}[args.command](cfg)
+        if args.command == "finetune":
+            _finetune(cfg, resume=args.resume)
+        else:
+            {"compare": _compare, "sensitivity": _sensitivity}[args.command](cfg)
     except (ValueError, OSError, DropBPError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"dropbp {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as interrupted:
+        print(f"dropbp {args.command}: {interrupted}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"dropbp {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

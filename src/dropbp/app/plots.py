@@ -36,22 +36,35 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
 
 
 def plot_losses(histories: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
-    """Training loss against step (left) and against wall-clock seconds (right).
+    """Training loss against step and against the training clock; held-out loss against the clock.
+
+    The third panel appears when the records carry periodic ``heldout_loss`` values; the
+    training clock (``wall_time_s``) leaves the evaluation time out.
 
     Args:
-        histories: Run name -> per-step records with ``step``, ``wall_time_s`` and ``loss``.
+        histories: Run name -> per-step records with ``step``, ``wall_time_s`` and ``loss``
+            (and ``heldout_loss`` on evaluated steps).
         path: PNG file to write (atomically).
     """
     plt = _figure()
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    heldout = any("heldout_loss" in r for history in histories.values() for r in history)
+    fig, axes = plt.subplots(1, 3 if heldout else 2, figsize=(16 if heldout else 11, 4))
+    by_step, by_time = axes[0], axes[1]
     for name, history in histories.items():
         losses = _smooth([r["loss"] for r in history])
         by_step.plot([r["step"] for r in history], losses, label=name)
         by_time.plot([r["wall_time_s"] for r in history], losses, label=name)
+        if heldout:
+            points = [(r["wall_time_s"], r["heldout_loss"]) for r in history if "heldout_loss" in r]
+            axes[2].plot([t for t, _ in points], [v for _, v in points], marker="o", label=name)
     by_step.set_xlabel("step")
-    by_time.set_xlabel("wall-clock time (s)")
+    by_time.set_xlabel("training clock (s)")
     for ax in (by_step, by_time):
         ax.set_ylabel("training loss (5-step mean)")
+    if heldout:
+        axes[2].set_xlabel("training clock (s), evaluation excluded")
+        axes[2].set_ylabel("held-out loss (fixed subset)")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
