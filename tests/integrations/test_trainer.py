@@ -210,3 +210,26 @@ def test_a_checkpointing_function_that_cannot_run_autograd_grad_fails_at_train_b
     with pytest.raises(RuntimeError, match="DropBP: sensitivity_at needs torch.autograd.grad.*custom_checkpoint"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("examples", [1, None])
+def test_sensitivity_is_measured_on_the_first_examples_of_the_batch(tmp_path, examples):
+    model = tiny_llama()
+    sizes = []
+    model.register_forward_pre_hook(lambda m, a, k: sizes.append(k["input_ids"].shape[0]), with_kwargs=True)
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_examples=examples)
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(), callbacks=[callback]).train()
+    assert callback.handle.sensitivities is not None
+    # 12 training micro-batches of 2, and the measurement's one forward, on 1 example or on all 2
+    assert sizes.count(1) == (1 if examples == 1 else 0)
+    assert sizes.count(2) == (12 if examples == 1 else 13)
+
+
+def test_first_examples_cuts_only_tensors_with_the_batch_dimension():
+    from dropbp.integrations.trainer import _first_examples
+
+    ids, scalar, other = torch.zeros(4, 3), torch.tensor(1.0), torch.zeros(2, 3)
+    args, kwargs = _first_examples((ids,), {"labels": ids, "scale": scalar, "extra": other, "flag": True}, 2)
+    assert args[0].shape == (2, 3) and kwargs["labels"].shape == (2, 3)
+    assert kwargs["scale"] is scalar and kwargs["extra"] is other and kwargs["flag"] is True
+    assert _first_examples((ids,), {}, None)[0][0] is ids

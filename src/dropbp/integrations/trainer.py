@@ -32,6 +32,21 @@ def _loss_of(output: Any) -> torch.Tensor:
     return loss
 
 
+def _first_examples(args: tuple, kwargs: dict, count: int | None) -> tuple[tuple, dict]:
+    """The call's arguments cut to the first ``count`` examples (tensors sharing the batch's first dimension)."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if count is None or not tensors:
+        return args, kwargs
+    size = tensors[0].shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            return value[:count]
+        return value
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
 class DropBPCallback(TrainerCallback, ExportableState):
     """Apply DropBP inside a Hugging Face ``Trainer`` (or TRL ``SFTTrainer``).
 
@@ -47,7 +62,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
       residual stream intact (:func:`dropbp.verify.require_sound_branches`) and raises
       :class:`~dropbp.DropBPError` if not.
     - After ``sensitivity_at * max_steps`` optimizer steps it measures each branch's
-      sensitivity on the last ``sensitivity_batches`` training batches (averaged, and
+      sensitivity on the first ``sensitivity_examples`` examples of each of the last
+      ``sensitivity_batches`` training batches (averaged, and
       averaged over ranks) and allocates per-branch rates for the target ``drop_rate``.
     - It adds ``dropbp/drop_rate`` (mean fraction of branches dropped) and
       ``dropbp/backward_flops_skipped`` (fraction of branch backward FLOPs skipped) to each
@@ -164,7 +180,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
         model = model if model is not None else self.handle.model
         cfg = self.config
         closures = [
-            (lambda a=batch_args, k=batch_kwargs: _loss_of(model(*a, **k))) for batch_args, batch_kwargs in self._recent
+            (lambda a=batch_args, k=batch_kwargs: _loss_of(model(*a, **k)))
+            for batch_args, batch_kwargs in (_first_examples(a, k, cfg.sensitivity_examples) for a, k in self._recent)
         ]
         self.handle.calibrate(closures, cfg.drop_rate, cfg.max_rate, cfg.allocation, cfg.sensitivity_metric)
         self._measured = True
