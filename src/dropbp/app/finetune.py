@@ -292,7 +292,7 @@ class _StopRequest:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def __exit__(self, *args: Any) -> None:
+    def __exit__(self, *args: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
@@ -354,7 +354,10 @@ def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
 
 
 def _schedule(optimizer, cfg: FinetuneConfig):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+    )
 
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     if cfg.lr_schedule == "cosine":

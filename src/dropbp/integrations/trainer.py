@@ -12,8 +12,8 @@ from transformers.trainer_callback import ExportableState
 
 from dropbp.checkpointing import reentrant_checkpointing, unswitchable_checkpointing
 from dropbp.config import DropBPConfig
-from dropbp.errors import DropBPError
 from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
+from dropbp.errors import DropBPError
 from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
 from dropbp.verify import CallArguments, require_sound_branches
 
