@@ -57,6 +57,11 @@ def test_sensitivity_command(model_dir, tmp_path, capsys):
     assert len(rows) == 4 and all(r["sensitivity"] > 0 for r in rows)
     assert (out / "sensitivity.png").is_file()
     assert "model.layers.1.mlp" in capsys.readouterr().out
+    whole = tmp_path / "whole"
+    assert main(["sensitivity", "--model", str(model_dir), "--output-dir", str(whole), "--seq-len", "160",
+                 "--batch-size", "4", "--sensitivity-examples", "all"]) == 0
+    on_all = [r["sensitivity"] for r in json.loads((whole / "sensitivity.json").read_text())]
+    assert on_all != [r["sensitivity"] for r in rows]  # the default measures on fewer examples than the batch
 
 
 def error_of(capsys, argv):

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(
         sensitivity,
         fields=("model", "data", "method", "seq_len", "batch_size", "seed", "output_dir", "drop_rate", "max_rate",
-                "allocation"),
+                "allocation", "sensitivity_examples"),
     )
     check = commands.add_parser(
         "check", help="Verify that DropBP trains a model exactly (on a tiny random copy unless --real-weights).",

@@ -731,7 +731,8 @@ def run_sensitivity(cfg: FinetuneConfig) -> tuple[list[dict[str, Any]], str]:
     batch = collate([tokenize_example(tokenizer, e["prompt"], e["response"], cfg.seq_len) for e in examples],
                     tokenizer.pad_token_id)
     model.train()
-    sensitivity = handle.sensitivity(lambda: model(**batch).loss, metric=d.sensitivity_metric)
+    sample = _first_examples(batch, d.sensitivity_examples)
+    sensitivity = handle.sensitivity(lambda: model(**sample).loss, metric=d.sensitivity_metric)
     rates = handle.allocate(d.drop_rate, sensitivity, max_rate=d.max_rate, method=d.allocation)
     rows = [
         {"branch": b.name, "sensitivity": s, "flops": float(b.flops), "drop_rate": r}
