@@ -221,10 +221,16 @@ def _autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
 
 
 def _first_examples(batch: dict[str, torch.Tensor], count: int | None) -> dict[str, torch.Tensor]:
-    """The first ``count`` examples of a collated batch (all of it for None)."""
+    """The first ``count`` examples of a right-padded collated batch (all of it for None).
+
+    The columns that are padding in all of them are cut off: the loss is the same (padding
+    carries no label and is masked out of attention), the measurement costs less.
+    """
     if count is None:
         return batch
-    return {k: v[:count] for k, v in batch.items()}
+    first = {k: v[:count] for k, v in batch.items()}
+    width = int(first["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] for k, v in first.items()}
 
 
 def _prepare_run(
