@@ -34,6 +34,7 @@ bench: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_ddp.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_checkpointing.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_generate.py
+	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_sensitivity.py
 
 # dropbp.check on every causal LM type in the installed transformers -> docs/architectures.md
 coverage: setup
