@@ -1,6 +1,6 @@
 """Sensitivity on fewer examples: what it costs and whether it keeps the allocation, on the bundled model.
 
-Run (about 10 minutes on 2 CPU cores)::
+Run (about 6 minutes on 2 idle CPU cores)::
 
     MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/bench_sensitivity.py
 
@@ -27,10 +27,9 @@ What it measures
                 sees the same model. The branch FLOPs recorded by this step are the ones allocated with.
     * ``full``  sensitivity on the whole batch of 8 (the reference)
     * ``k4``, ``k2``, ``k1``  sensitivity on the first k examples of the batch, taken as ``dropbp
-                finetune`` takes them (``finetune._first_examples``: the first k rows, still padded to
-                the batch's longest example; ``sensitivity_examples=k``)
-    * ``k1_cut`` the first example cut to its own length (no padding columns): the same loss (padding
-                is right-padding, masked and unlabelled), less compute
+                finetune`` takes them for ``sensitivity_examples=k`` (``finetune._first_examples``: the
+                first k rows, with the columns that are padding in all of them cut off; the loss is the
+                same, the measurement cheaper)
 
     Derived variants, measured by nothing extra: ``k1x2`` averages the ``k1`` sensitivities of this
     batch and of the previous one (cyclically), which is what ``sensitivity_batches=2`` with one example
@@ -44,9 +43,12 @@ What it measures
     *pooled* reference (the mean of the full-batch sensitivities of all rounds, 8 x batches examples),
     for the full batch too: that is the noise floor an 8-example measurement already has.
 
-    Cost in steps = median measurement wall time / median step wall time (all timed steps); also the
-    median over rounds of the measurement's time over its own round's step time (the two ran minutes
-    apart at most, so they share the machine's load) and the same ratio in process CPU time.
+    A second timed step, ``step_mid``, runs in the middle of each round (after the largest subsample).
+    Cost in steps = median measurement wall time / median wall time of the round steps (``step`` and
+    ``step_mid``: they are interleaved with the measurements, so they share the machine's load; the
+    training steps before are reported but not used, since the machine's load can change between the
+    phases); also the median over rounds of the measurement's time over the mean of its own round's two
+    steps, in wall and in process CPU time.
 
     Token subsampling is not measured: the loss covers the response tokens only and they come after
     the prompt, so keeping the first T tokens of every example drops the end of every response (a
@@ -56,7 +58,7 @@ What it measures
 
 Timing follows DESIGN.md through ``harness.py`` (one process, fixed threads, fixed-order interleaved
 rounds, medians, ratios, machine record). Results: ``benchmarks/results/sensitivity.{json,md}``.
-Usage: ``python benchmarks/bench_sensitivity.py [--batches 3] [--steps 5] [--ks 1,2,4] [--threads 2]``
+Usage: ``python benchmarks/bench_sensitivity.py [--batches 5] [--steps 5] [--ks 1,2,4] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ RATE_RANK_BAR = 0.9   # mean Spearman of the allocated rates
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--batches", type=int, default=3, help="training batches measured (rounds, >= 3)")
+    p.add_argument("--batches", type=int, default=5, help="training batches measured (rounds, >= 3)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps before the measurements (>= 3)")
     p.add_argument("--ks", default="1,2,4", help="example subsamples (first k examples of each batch)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -166,12 +168,6 @@ def first_examples(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Te
     return _first_examples(batch, k)
 
 
-def first_rows(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The first ``k`` examples, cut to their longest real length (as ``collate`` would pad them)."""
-    width = int(batch["attention_mask"][:k].sum(dim=1).max())
-    return {name: t[:k, :width] for name, t in batch.items()}
-
-
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -179,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     from dropbp.app.data import collate
 
     t0 = time.perf_counter()
-    cfg, model, tokenizer, handle, optimizer, stream = prepare(args)
+    _cfg, model, tokenizer, handle, optimizer, stream = prepare(args)
     pad = tokenizer.pad_token_id
     params = handle.trainable_parameters()
     say(f"loaded in {time.perf_counter() - t0:.0f}s: {len(handle.branches)} branches, "
@@ -209,15 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     flops: list[list[int]] = []
     widths: dict[str, list[int]] = {}
 
-    def step_variant(r: int):
-        t = cpu_and_wall(lambda: train_step(model, optimizer, batches[r]))
-        flops.append(list(handle.flops))  # this batch's shape: what calibrate would allocate with
-        restore()
-        return t
-
-    def measure(name: str, k: int, cut: bool = False):
+    def step_variant(record_flops: bool):
         def call(r: int):
-            sub = batches[r] if k == args.batch_size else (first_rows if cut else first_examples)(batches[r], k)
+            t = cpu_and_wall(lambda: train_step(model, optimizer, batches[r]))
+            if record_flops:
+                flops.append(list(handle.flops))  # this batch's shape: what calibrate would allocate with
+            restore()
+            return t
+        return call
+
+    def measure(name: str, k: int):
+        def call(r: int):
+            sub = batches[r] if k == args.batch_size else first_examples(batches[r], k)
             widths.setdefault(name, []).append(int(sub["input_ids"].shape[1]))
             out: list[float] = []
             t = cpu_and_wall(lambda: out.extend(handle.sensitivity(lambda: model(**sub).loss)))
@@ -225,10 +224,13 @@ def main(argv: list[str] | None = None) -> None:
             return t
         return call
 
-    measured = ["full"] + [f"k{k}" for k in args.ks] + ["k1_cut"]
-    variants = {"step": step_variant, "full": measure("full", args.batch_size)}
-    variants.update({f"k{k}": measure(f"k{k}", k) for k in args.ks})
-    variants["k1_cut"] = measure("k1_cut", 1, cut=True)
+    measured = ["full"] + [f"k{k}" for k in args.ks]
+    variants = {"step": step_variant(True), "full": measure("full", args.batch_size)}
+    for i, k in enumerate(args.ks):  # ks in decreasing order; step_mid after the largest subsample
+        variants[f"k{k}"] = measure(f"k{k}", k)
+        if i == 0:
+            variants["step_mid"] = step_variant(False)
+    order = list(variants)
     times = interleaved(variants, args.batches, warmup=0, label="batch")
 
     # 3. derived variants, allocations, statistics.
@@ -243,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
 
     full_rates = [rates_of(sens["full"][r], r) for r in range(n_b)]
     pooled_rates = [rates_of(pooled, r) for r in range(n_b)]
-    all_steps = {ph: train_times[ph] + times["step"][ph] for ph in ("wall", "cpu")}
-    step_med = {ph: statistics.median(v) for ph, v in all_steps.items()}
+    round_steps = {ph: times["step"][ph] + times["step_mid"][ph] for ph in ("wall", "cpu")}
+    step_med = {ph: statistics.median(v) for ph, v in round_steps.items()}
+    pair_step = {ph: [(a + b) / 2 for a, b in zip(times["step"][ph], times["step_mid"][ph])] for ph in ("wall", "cpu")}
 
     rows: dict[str, dict] = {}
     for name in [*measured, "k1x2", "uniform"]:
@@ -268,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             row["cost_steps"] = {
                 "median": statistics.median(wall) / step_med["wall"],
                 "min": min(wall) / step_med["wall"], "max": max(wall) / step_med["wall"],
-                "paired_wall": statistics.median(w / s for w, s in zip(wall, times["step"]["wall"])),
-                "paired_cpu": statistics.median(c / s for c, s in zip(cpu, times["step"]["cpu"])),
+                "paired_wall": statistics.median(w / s for w, s in zip(wall, pair_step["wall"])),
+                "paired_cpu": statistics.median(c / s for c, s in zip(cpu, pair_step["cpu"])),
             }
             row["median_s"] = {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
         rows[name] = row
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
 
     recommendation = recommend(rows, args)
     run.finish()
-    summary = {"step_time_s": {"median": step_med, "training": train_times, "rounds": times["step"]},
+    summary = {"step_time_s": {"median": step_med, "training": train_times, "round_steps": round_steps,
+                               "training_median": {ph: statistics.median(v) for ph, v in train_times.items()}},
+               "round_order": order,
                "rows": {k: {kk: vv for kk, vv in v.items() if kk != "rates"} for k, v in rows.items()},
                "recommendation": recommendation, "batch_widths": {"full": [int(b["input_ids"].shape[1])
                                                                              for b in batches], **widths}}
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def recommend(rows: dict[str, dict], args) -> dict:
     """The cheapest subsample within the cost bar that keeps the allocation; or why none does."""
-    candidates = [f"k{k}" for k in args.ks] + ["k1_cut", "k1x2"]
+    candidates = [f"k{k}" for k in args.ks] + ["k1x2"]
 
     def keeps(name: str) -> bool:
         r = rows[name]
@@ -321,7 +326,7 @@ def markdown_report(args, summary, rows, run: Run, n: int) -> str:
     step = summary["step_time_s"]["median"]
     rec = summary["recommendation"]
     labels = {"full": f"full batch ({args.batch_size} examples): reference", "k1x2": "k=1, averaged over 2 batches",
-              "uniform": "uniform p = 0.5 (no measurement)", "k1_cut": "first example, padding cut off"}
+              "uniform": "uniform p = 0.5 (no measurement)"}
     for k in args.ks:
         labels[f"k{k}"] = f"first {k} example{'s' if k > 1 else ''} (`sensitivity_examples={k}`)"
     lines = [
@@ -330,12 +335,13 @@ def markdown_report(args, summary, rows, run: Run, n: int) -> str:
         f"Model: the bundled SmolLM2-135M-Instruct ({n} branches), LoRA r16/alpha 32 as `dropbp finetune` prepares "
         f"it, after {args.steps + 1} training steps (batch {args.batch_size}, seq_len {args.seq_len}, AdamW lr 1e-3, "
         f"DropBP at 0.5); {args.batches} further training batches of the run's stream measured, one interleaved "
-        f"round each (step, full, {', '.join(f'k{k}' for k in args.ks)}, k1_cut); exact allocation at target {TARGET}, "
+        f"round each ({', '.join(summary['round_order'])}); exact allocation at target {TARGET}, "
         f"max_rate {MAX_RATE}; {args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}; total run "
         f"{run.runtime_s:.0f}s.  ",
         f"Training step (forward + backward + AdamW, DropBP at 0.5, batch {args.batch_size}): median "
-        f"{step['wall']:.2f}s wall, {step['cpu']:.2f}s CPU over {len(summary['step_time_s']['training']['wall'])} "
-        f"training steps and {args.batches} round steps.", "",
+        f"{step['wall']:.2f}s wall, {step['cpu']:.2f}s CPU over the {2 * args.batches} round steps (the "
+        f"{args.steps} timed training steps before the rounds: median "
+        f"{summary['step_time_s']['training_median']['wall']:.2f}s wall, not used).", "",
         "| variant | cost (steps) | cost min..max | paired cost wall / CPU | Spearman S mean (min) "
         "| Spearman rates mean (min) | objective ratio mean (max) | vs pooled reference mean (max) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -371,24 +377,37 @@ def markdown_report(args, summary, rows, run: Run, n: int) -> str:
         verdict_line += (f"No subsample keeps the allocation by the bars (objective ratio <= {OBJECTIVE_BAR} on every "
                          f"batch, mean rate Spearman >= {RATE_RANK_BAR}); this is the closest.")
     uni = rows["uniform"]["objective_ratio"]
+    current = dropbp.DropBPConfig().sensitivity_examples
+    cheap = min((c for c in rows if c not in ("uniform",)), key=lambda c: rows[c]["cost_steps"]["median"])
+    trade = []
+    for name in dict.fromkeys([cheap, f"k{current}" if current else "full"]):
+        if name in rows:
+            r = rows[name]
+            trade.append(f"`{name}` costs {r['cost_steps']['median']:.2f} steps and its allocation is "
+                         f"{100 * (r['objective_ratio']['mean'] - 1):.1f}% worse than the full batch's (mean; max "
+                         f"{100 * (r['objective_ratio']['max'] - 1):.1f}%; against the pooled reference "
+                         f"{100 * (r['objective_ratio_pooled']['mean'] - 1):.1f}%, max "
+                         f"{100 * (r['objective_ratio_pooled']['max'] - 1):.1f}%)")
     lines += [
         "", verdict_line, "",
+        f"The library's default when this ran was `sensitivity_examples={current}`; the cheapest measurement here "
+        f"is `{cheap}`. " + "; ".join(trade) + ".", "",
         f"For scale: uniform rates are {100 * (uni['mean'] - 1):.0f}% worse than the full batch's allocation (max "
         f"{100 * (uni['max'] - 1):.0f}%), and the full batch of {args.batch_size} itself is "
         f"{100 * (rows['full']['objective_ratio_pooled']['mean'] - 1):.1f}% worse (mean; max "
         f"{100 * (rows['full']['objective_ratio_pooled']['max'] - 1):.1f}%) than the pooled reference of "
         f"{args.batch_size * args.batches} examples, the noise floor of an {args.batch_size}-example measurement.", "",
-        "Columns. *cost*: median measurement wall time / median training-step wall time (min..max over batches); "
-        "*paired*: median over batches of the measurement's time over the same round's step time, in wall and in "
-        "process CPU time. *Spearman S*: rank correlation of the variant's sensitivities with the full batch's "
+        "Columns. *cost*: median measurement wall time / median round-step wall time (min..max over batches); "
+        "*paired*: median over batches of the measurement's time over the mean of the same round's two step "
+        "times, in wall and in process CPU time. *Spearman S*: rank correlation of the variant's sensitivities with the full batch's "
         "(per batch; mean and min over batches). *Spearman rates*: the same for the allocated rates (ties, e.g. "
         "rates at max_rate, ranked by their average). *objective ratio*: sum_l S_full,l p_l^2 at the variant's "
         "rates over the same at the full batch's allocation (1.0 = as good; the full allocation minimises it). "
         "*vs pooled*: the same ratio with the mean full-batch sensitivity over all measured batches in place of "
         "the batch's own, against that reference's optimum. `k1x2` pairs each batch's k=1 measurement with the "
         "previous batch's (cyclically); its cost is the two measurements' times. A k-example subsample is the "
-        "first k rows of the batch as `dropbp finetune` takes them (`_first_examples`: still padded to the batch's "
-        "longest example); `k1_cut` is the first row cut to its own length (same loss, less compute).", "",
+        "first k rows of the batch as `dropbp finetune` takes them (`_first_examples`: padding columns common to "
+        "the k rows cut off).", "",
         "Token subsampling is not measured: the loss covers only the response tokens, which follow the prompt, so "
         "truncating every example to its first T tokens drops the end of every response (a biased objective); "
         "masking random label positions keeps the distribution but saves no compute.", "",
