@@ -22,11 +22,13 @@ import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 __all__ = [
-    "BRANCH_PATTERNS", "BranchSpec", "branch_source", "find_model_type", "residual_argument", "resolve_branches",
+    "BRANCH_PATTERNS", "BranchSpec", "branch_source", "find_config", "find_model_type", "residual_argument",
+    "resolve_branches",
 ]
 
 _LLAMA_STYLE = ("*.layers.*.self_attn", "*.layers.*.mlp")
@@ -84,17 +86,23 @@ class BranchSpec:
     end: str
 
 
-def find_model_type(model: nn.Module) -> str | None:
-    """Return the Hugging Face ``model_type`` of ``model`` or of a wrapped module.
+def find_config(model: nn.Module) -> Any:
+    """Return the Hugging Face config of ``model`` or of a wrapped module, or None.
 
     PEFT and other wrappers hold the transformers model as a submodule, so the first
-    module with a ``config.model_type`` wins.
+    module whose ``config`` has a ``model_type`` wins.
     """
     for module in model.modules():
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
-        if isinstance(model_type, str):
-            return model_type
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "model_type", None), str):
+            return config
     return None
+
+
+def find_model_type(model: nn.Module) -> str | None:
+    """Return the Hugging Face ``model_type`` of ``model`` or of a wrapped module (see :func:`find_config`)."""
+    config = find_config(model)
+    return None if config is None else config.model_type
 
 
 # Module names that wrappers insert (FSDP1, checkpoint_wrapper, torch.compile): patterns

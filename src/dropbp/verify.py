@@ -33,9 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropbp.architectures import BranchSpec, _decoder_layers, resolve_branches
-from dropbp.hooks import first_tensor
+from dropbp.architectures import (
+    BranchSpec,
+    _decoder_layers,
+    find_config,
+    resolve_branches,
+)
+from dropbp.errors import DropBPError
+from dropbp.hooks import first_tensor, replace_first_tensor
 from dropbp.reference import detach_branches
+from dropbp.tiny import example_batch, tiny_causal_lm
 
 __all__ = [
     "CallArguments", "CheckReport", "CheckResult", "check", "check_residual_stream", "require_sound_branches",
@@ -94,15 +101,6 @@ class CheckReport:
 # ------------------------------------------------------------------ inputs and losses
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "vocab_size")
-
-
-def _default_inputs(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
-    generator = torch.Generator().manual_seed(seed)
-    # ids 0..2 are pad/bos/eos in most configs; the check wants ordinary tokens.
-    ids = torch.randint(min(3, vocab - 1), vocab, (2, 8), generator=generator)
-    device = next(model.parameters()).device
-    return {"input_ids": ids.to(device), "labels": ids.to(device)}
 
 
 @dataclass(frozen=True)
@@ -242,8 +240,6 @@ def _zero_first_tensor(module: nn.Module, args: tuple, output: Any) -> Any:
     tensor = first_tensor(output)
     if tensor is None:
         return None
-    from dropbp.hooks import replace_first_tensor
-
     return replace_first_tensor(output, torch.zeros_like(tensor))
 
 
@@ -424,7 +420,7 @@ def check(
         if not _is_hf(model):
             raise ValueError("dropbp.check needs inputs= for a model without a Hugging Face config "
                              "(a tensor, a tuple of arguments or a dict of keyword arguments)")
-        inputs = _default_inputs(model, seed)
+        inputs = example_batch(model, seed=seed)
     report = CheckReport(_describe(model))
     try:
         specs: list[BranchSpec] = resolve_branches(model, branches)
@@ -561,7 +557,6 @@ def require_sound_branches(model: nn.Module, handle: Any, inputs: Any) -> None:
     Raises:
         DropBPError: If either check fails; the message says which branch and why.
     """
-    from dropbp.errors import DropBPError
 
     was_training = model.training
     model.train()
@@ -571,18 +566,7 @@ def require_sound_branches(model: nn.Module, handle: Any, inputs: Any) -> None:
         model.train(was_training)
     failed = [r for r in results if r.passed is False]
     if failed:
-        raise DropBPError(
-            f"the branches found by the generic fallback are unsafe ({failed[0].name}: {failed[0].detail}); "
-            "pass branches= patterns and verify them with dropbp.check(model, branches=...)"
-        )
-
-
-def _hf_config(model: nn.Module) -> Any:
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(getattr(config, "model_type", None), str):
-            return config
-    return None
+        raise _unsafe(failed[0])
 
 
 def verify_fallback_on_a_tiny_copy(model: nn.Module) -> None:
@@ -603,10 +587,8 @@ def verify_fallback_on_a_tiny_copy(model: nn.Module) -> None:
         DropBPError: If any check fails on the copy (for example its fallback branches cut
             the residual stream), or the copy trains without DropBP but fails with it.
     """
-    from dropbp.errors import DropBPError
-    from dropbp.tiny import example_batch, tiny_causal_lm
 
-    config = _hf_config(model)
+    config = find_config(model)
     if config is None:
         return
     with torch.random.fork_rng(devices=[]):
@@ -630,8 +612,11 @@ def verify_fallback_on_a_tiny_copy(model: nn.Module) -> None:
                 "patterns and check them with dropbp.check(model, branches=...)"
             ) from error
     if not report.ok:
-        failure = report.failures[0]
-        raise DropBPError(
-            f"the branches found by the generic fallback are unsafe ({failure.name}: {failure.detail}); "
-            "pass branches= patterns and verify them with dropbp.check(model, branches=...)"
-        )
+        raise _unsafe(report.failures[0])
+
+
+def _unsafe(failure: CheckResult) -> DropBPError:
+    return DropBPError(
+        f"the branches found by the generic fallback are unsafe ({failure.name}: {failure.detail}); "
+        "pass branches= patterns and verify them with dropbp.check(model, branches=...)"
+    )
