@@ -213,6 +213,10 @@ class Forwards:
             out = hooks.first_tensor(output)
             if out is not None:
                 context.capture.setdefault(index, []).append(out)
+                # The model gets a copy: a layer that adds into the branch's output in place (Falcon's
+                # `mlp_output += attention_output`) would otherwise make the captured tensor the sum, and
+                # its partial backward would run through the other branch too.
+                return hooks.replace_first_tensor(output, out.clone())
         if frame.dropped and index == len(self.handle.branches) - 1 and not frame.input_requires_grad:
             return self._anchored(output)
         return None
