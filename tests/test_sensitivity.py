@@ -130,9 +130,11 @@ def test_sensitivity_leaves_the_global_rng_where_it_was(llama, batch):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("model_type", ["bloom", "mpt", "opt"])
+@pytest.mark.parametrize("model_type", ["bloom", "mpt", "opt", "falcon"])
 def test_fast_equals_definition_on_span_branches(model_type, batch):
-    """Spans (Bloom's and MPT's end before the residual add inside their module) against the definition."""
+    """Spans (Bloom's and MPT's end before the residual add inside their module) against the definition.
+    Falcon adds the attention output into the MLP's output in place (`mlp_output += attention_output`):
+    measured on that tensor, the MLP's partial backward ran through the attention too."""
     from dropbp.tiny import tiny_causal_lm
 
     model = tiny_causal_lm(model_type)
@@ -146,3 +148,123 @@ def test_fast_equals_definition_on_span_branches(model_type, batch):
     fast = handle.sensitivity(lambda: model(batch, labels=batch).loss)
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)
     assert all(v > 0 for v in fast)
+
+
+class Block(torch.nn.Module):
+    """A pre-norm layer with an attention-like and an MLP branch; can also read a second stream."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.mix = torch.nn.Linear(width, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.Tanh(), torch.nn.Linear(16, width))
+
+    def forward(self, x, extra=None, shared=None):
+        a = torch.tanh(x) if extra is None else torch.tanh(x) + extra
+        h = x + self.mix(a if shared is None else a * shared)
+        return h + self.mlp(torch.sin(h))
+
+
+class Stack(torch.nn.Module):
+    """Blocks in a ModuleList. ``value_residual``: every block also reads the first block's output
+    (a path that skips the block inputs); ``shared``: a trainable parameter outside the blocks that
+    every block uses; ``scale_between``: a trainable scale between the blocks."""
+
+    def __init__(self, layers=4, value_residual=False, shared=False, scale_between=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(8, 8)
+        self.layers = torch.nn.ModuleList(Block() for _ in range(layers))
+        self.scale = torch.nn.Parameter(torch.full((8,), 1.1)) if scale_between else None
+        self.shared = torch.nn.Parameter(torch.full((8,), 0.9)) if shared else None
+        self.head = torch.nn.Linear(8, 1)
+        self.value_residual = value_residual
+
+    def forward(self, x):
+        h = self.embed(x)
+        first = None
+        for layer in self.layers:
+            h = layer(h, first if self.value_residual else None, self.shared)
+            first = h if first is None else first
+            if self.scale is not None:
+                h = h * self.scale
+        return self.head(h).pow(2).mean()
+
+
+def _spy_on_batched(monkeypatch):
+    """Record what each call of the batched path returned (None = it fell back)."""
+    from dropbp import sensitivity
+
+    returned = []
+    original = sensitivity._batched_down_the_blocks
+
+    def spy(*args, **kwargs):
+        returned.append(original(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(sensitivity, "_batched_down_the_blocks", spy)
+    return returned
+
+
+@pytest.mark.parametrize("metric", ["grad_diff", "grad_norm_diff"])
+@pytest.mark.parametrize("tiny_batches", [False, True])
+def test_llama_is_measured_batched_down_its_layers(metric, tiny_batches, batch, monkeypatch):
+    """The batched path runs (and equals the definition), also when every row is its own backward."""
+    from dropbp import sensitivity
+
+    if tiny_batches:
+        monkeypatch.setattr(sensitivity, "BATCH_BYTES", 1)
+    returned = _spy_on_batched(monkeypatch)
+    model = tiny_llama(layers=3, tie_word_embeddings=True)
+    model.train()
+    names = [f"model.layers.{i}.{b}" for i in range(3) for b in ("self_attn", "mlp")]
+    expected = definition(model, batch, names, metric)
+    handle = dropbp.apply(model)
+    fast = handle.sensitivity(lambda: model(batch, labels=batch).loss, metric=metric)
+    assert len(returned) == 1 and returned[0] is not None
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure, batched_calls", [
+    ("value_residual", [None]), ("shared", [None]), ("scale_between", []),
+])
+def test_blocks_that_do_not_carry_every_path_fall_back_to_branch_by_branch(structure, batched_calls, monkeypatch):
+    """A path around the block inputs or a trainable parameter outside the blocks that they use: the
+    sum check sees it (None). A block called with something other than the previous block's
+    output: the batched path is not tried ([]). Either way the branches are measured one by one,
+    exactly."""
+    returned = _spy_on_batched(monkeypatch)
+    model = Stack(**{structure: True})
+    handle = dropbp.apply(model, branches=["layers.*.mix", "layers.*.mlp"])
+    x = torch.randn(5, 8)
+    naive = handle.sensitivity(lambda: model(x), method="naive")
+    fast = handle.sensitivity(lambda: model(x))
+    assert returned == batched_calls
+    assert fast == pytest.approx(naive, rel=1e-5)
+    assert all(v > 0 for v in naive)
+
+
+def test_plain_stack_is_measured_batched(monkeypatch):
+    """The same stack without the extra paths takes the batched path and equals the definition."""
+    returned = _spy_on_batched(monkeypatch)
+    model = Stack()
+    handle = dropbp.apply(model, branches=["layers.*.mix", "layers.*.mlp"])
+    x = torch.randn(5, 8)
+    naive = handle.sensitivity(lambda: model(x), method="naive")
+    fast = handle.sensitivity(lambda: model(x))
+    assert len(returned) == 1 and returned[0] is not None
+    assert fast == pytest.approx(naive, rel=1e-5)
+
+
+def test_rows_too_wide_to_gain_from_batching_are_measured_one_by_one(batch, monkeypatch):
+    from dropbp import sensitivity
+
+    monkeypatch.setattr(sensitivity, "STREAM_BYTES", 1)
+    returned = _spy_on_batched(monkeypatch)
+    model = tiny_llama(layers=3)
+    model.train()
+    names = [f"model.layers.{i}.{b}" for i in range(3) for b in ("self_attn", "mlp")]
+    expected = definition(model, batch, names, "grad_diff")
+    handle = dropbp.apply(model)
+    fast = handle.sensitivity(lambda: model(batch, labels=batch).loss)
+    assert returned == [None]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)

@@ -168,7 +168,8 @@ def test_apply_refuses_a_compiled_model():
 
 
 def test_sensitivity_under_checkpointing(batch):
-    """Checkpointing gives the same sensitivities. Reentrant checkpointing cannot run
+    """Checkpointing gives the same sensitivities, up to rounding: without checkpointing the partial
+    backwards run batched down the layers, with it one by one. Reentrant checkpointing cannot run
     autograd.grad, so the measurement switches it to non-reentrant and back."""
     def sensitivity(reentrant):
         model = tiny_llama()
@@ -179,8 +180,8 @@ def test_sensitivity_under_checkpointing(batch):
         return handle.sensitivity(lambda: model(batch, labels=batch).loss)
 
     plain = sensitivity(reentrant=None)
-    assert sensitivity(reentrant=False) == plain
-    assert sensitivity(reentrant=True) == plain
+    assert sensitivity(reentrant=False) == pytest.approx(plain, rel=1e-6)
+    assert sensitivity(reentrant=True) == pytest.approx(plain, rel=1e-6)
 
 
 class SharedBranchModel(torch.nn.Module):
