@@ -136,6 +136,23 @@ def test_branch_that_adds_its_own_residual_fails_both_structural_checks():
     assert found["forward unchanged"].passed  # the forward is exact either way: only the gradient is wrong
 
 
+def test_a_wrong_fast_sensitivity_fails_the_sensitivity_check(monkeypatch):
+    """The check compares the measurement dropbp uses against L + 1 backward passes, so a wrong batched
+    measurement (here: off by 10% for one branch) is caught."""
+    from dropbp import sensitivity
+
+    original = sensitivity._batched_down_the_blocks
+
+    def off(*args, **kwargs):
+        values = original(*args, **kwargs)
+        return None if values is None else [values[0] * 1.1, *values[1:]]
+
+    monkeypatch.setattr(sensitivity, "_batched_down_the_blocks", off)
+    found = results(dropbp.check(tiny_causal_lm("llama")))
+    assert found["sensitivity"].passed is False
+    assert "differs from L + 1 backward passes by up to 1.0e-01" in found["sensitivity"].detail
+
+
 def test_whole_layer_pattern_fails_with_a_clear_message():
     report = dropbp.check(tiny_causal_lm("llama"), branches=["model.layers.?"])
     assert not report.ok

@@ -369,6 +369,28 @@ def _no_residual_inside(model: nn.Module, handle: Any, inputs: Any, seed: int) -
 
 
 # ------------------------------------------------------------------ the whole check
+def _sensitivity_matches_definition(model: nn.Module, handle: Any, inputs: Any, seed: int) -> CheckResult:
+    """The fast sensitivity (batched down the layers where it can be) against ``L + 1`` backward passes."""
+    name = "sensitivity"
+
+    def closure() -> torch.Tensor:
+        return _loss(_call(model, inputs), seed)
+
+    try:
+        fast = handle.sensitivity(closure)
+        naive = handle.sensitivity(closure, method="naive")
+    except (ValueError, RuntimeError) as error:
+        return CheckResult(name, False, f"the measurement failed: {str(error).splitlines()[0]}")
+    # The definition subtracts two whole gradients, so a tiny S carries that cancellation: judge it against the largest.
+    floor = 1e-6 * max(naive, default=0.0) + 1e-30
+    worst = max((abs(f - n) / (abs(n) + floor) for f, n in zip(fast, naive)), default=0.0)
+    if worst > 1e-3:
+        return CheckResult(name, False, f"the fast measurement differs from L + 1 backward passes by up to {worst:.1e} "
+                                        "(relative)")
+    return CheckResult(name, True, f"the fast measurement equals L + 1 backward passes (largest relative difference "
+                                   f"{worst:.0e})")
+
+
 def _random_mask(count: int, generator: torch.Generator) -> list[bool]:
     mask = (torch.rand(count, generator=generator) < 0.5).tolist()
     if count >= 2:  # at least one branch dropped and one kept, so both halves of the check bite
@@ -519,6 +541,8 @@ def _run_checks(report: CheckReport, model: nn.Module, handle: Any, inputs: Any,
 
     results.append(check_residual_stream(model, handle, inputs, seed=seed))
     results.append(_no_residual_inside(model, handle, inputs, seed))
+    handle.set_mask([False] * count)
+    results.append(_sensitivity_matches_definition(model, handle, inputs, seed))
 
     # Eval and generate: DropBP attached changes nothing.
     model.eval()
