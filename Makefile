@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench coverage clean
+.PHONY: setup test test-fast demo bench bench-defaults coverage clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ bench: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_checkpointing.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_generate.py
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_sensitivity.py
+
+# uniform vs sensitivity-based rates in the default job, 2 seeds (about 40 minutes on 2 cores)
+bench-defaults: setup
+	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_defaults.py
 
 # dropbp.check on every causal LM type in the installed transformers -> docs/architectures.md
 coverage: setup
