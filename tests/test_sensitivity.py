@@ -190,6 +190,16 @@ class Stack(torch.nn.Module):
         return self.head(h).pow(2).mean()
 
 
+def _llama_fast_and_definition(batch, metric, tied=False):
+    """A 3-layer tiny Llama's fast sensitivities and the definition's, on the same batch."""
+    model = tiny_llama(layers=3, tie_word_embeddings=tied)
+    model.train()
+    names = [f"model.layers.{i}.{b}" for i in range(3) for b in ("self_attn", "mlp")]
+    expected = definition(model, batch, names, metric)
+    handle = dropbp.apply(model)
+    return handle.sensitivity(lambda: model(batch, labels=batch).loss, metric=metric), expected
+
+
 def _spy_on_batched(monkeypatch):
     """Record what each call of the batched path returned (None = it fell back)."""
     from dropbp import sensitivity
@@ -214,12 +224,7 @@ def test_llama_is_measured_batched_down_its_layers(metric, tiny_batches, batch, 
     if tiny_batches:
         monkeypatch.setattr(sensitivity, "BATCH_BYTES", 1)
     returned = _spy_on_batched(monkeypatch)
-    model = tiny_llama(layers=3, tie_word_embeddings=True)
-    model.train()
-    names = [f"model.layers.{i}.{b}" for i in range(3) for b in ("self_attn", "mlp")]
-    expected = definition(model, batch, names, metric)
-    handle = dropbp.apply(model)
-    fast = handle.sensitivity(lambda: model(batch, labels=batch).loss, metric=metric)
+    fast, expected = _llama_fast_and_definition(batch, metric, tied=True)
     assert len(returned) == 1 and returned[0] is not None
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)
 
@@ -260,11 +265,6 @@ def test_rows_too_wide_to_gain_from_batching_are_measured_one_by_one(batch, monk
 
     monkeypatch.setattr(sensitivity, "STREAM_BYTES", 1)
     returned = _spy_on_batched(monkeypatch)
-    model = tiny_llama(layers=3)
-    model.train()
-    names = [f"model.layers.{i}.{b}" for i in range(3) for b in ("self_attn", "mlp")]
-    expected = definition(model, batch, names, "grad_diff")
-    handle = dropbp.apply(model)
-    fast = handle.sensitivity(lambda: model(batch, labels=batch).loss)
+    fast, expected = _llama_fast_and_definition(batch, "grad_diff")
     assert returned == [None]
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)

@@ -52,10 +52,11 @@ logger = logging.getLogger(__name__)
 # where one row's matrix products are thin (few tokens); rows of many tokens gain nothing and only add
 # memory traffic. On 2 CPU cores with SmolLM2's hidden size 576, one example of 72 tokens measured 1.7x
 # faster batched, 4 examples (380 tokens) the same, the whole batch of 8 x 96 tokens 1.1-1.3x slower even
-# in calls of 2 rows; so fewer than MIN_ROWS rows per call means one by one.
+# in calls of 2 rows; so where fewer than MIN_ROWS rows fit in one call (rows of more than about 1 MiB),
+# the branches are measured one by one.
 BATCH_BYTES = 512 * 2**20
 STREAM_BYTES = 12 * 2**20
-MIN_ROWS = 8
+MIN_ROWS = 12
 
 
 @dataclass(frozen=True)
