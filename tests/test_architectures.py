@@ -138,6 +138,14 @@ def test_generic_fallback(model_type, batch):
     assert all(("attn" in b.name) or ("mlp" in b.name) for b in handle.branches)
 
 
+def test_fallback_skips_hyper_connections():
+    """HY-V4 wraps each branch in a hyper-connection (`attn_hc`, `ffn_hc`) that mixes the stream: not a branch."""
+    from dropbp.tiny import tiny_causal_lm
+
+    names = [s.name for s in resolve_branches(tiny_causal_lm("hy_v4"))]
+    assert names == [f"model.layers.{i}.{b}" for i in range(2) for b in ("self_attn", "mlp")]
+
+
 def test_llama_order_and_explicit_patterns():
     model = build(CONFIGS["llama"])
     assert [s.name for s in resolve_branches(model)] == [

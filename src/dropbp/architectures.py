@@ -70,8 +70,9 @@ _NORM = re.compile(r"norm|ln", re.IGNORECASE)
 # Cross-attention runs only with encoder states, which a decoder used as a causal LM never gets.
 _CROSS = re.compile(r"cross|encoder_attn", re.IGNORECASE)
 # Modules that carry the residual stream itself (hyper-connections, residual scales), whatever
-# branch they are named after: dropping them would cut the stream.
-_STREAM = re.compile(r"residual|connection|skip", re.IGNORECASE)
+# branch they are named after: dropping them would cut the stream. "hc" is HY-V4's hyper-connection
+# (`attn_hc`, `ffn_hc`), taken as a whole word only.
+_STREAM = re.compile(r"residual|connection|skip|(?:^|_)hc(?:_|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
