@@ -32,6 +32,7 @@ Results: ``benchmarks/results/defaults.{json,md}``; the runs stay in ``--runs-di
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -80,7 +81,7 @@ def step_reaching(curve: list[tuple[int, float]], loss: float) -> float | None:
     """First step (linear between evaluations) at which the curve is at or below ``loss``."""
     if curve and curve[0][1] <= loss:
         return float(curve[0][0])
-    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+    for (s0, l0), (s1, l1) in itertools.pairwise(curve):
         if l1 <= loss:
             return s0 + (s1 - s0) * (l0 - loss) / (l0 - l1)
     return None
