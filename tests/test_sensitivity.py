@@ -268,3 +268,25 @@ def test_rows_too_wide_to_gain_from_batching_are_measured_one_by_one(batch, monk
     fast, expected = _llama_fast_and_definition(batch, "grad_diff")
     assert returned == [None]
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(expected), rtol=1e-4, atol=1e-10)
+
+
+def test_an_moe_router_auxiliary_loss_is_refused_by_the_fast_measurement(batch):
+    """The router logits feed the auxiliary loss through hooks inside the MoE branch, a path the partial
+    backward from the branch output misses: refused with one line, not measured wrong."""
+    import transformers as T
+
+    from dropbp.errors import DropBPError
+    from dropbp.tiny import tiny_causal_lm
+
+    config = T.AutoConfig.for_model("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
+    model = tiny_causal_lm(config)
+    batch = batch % model.config.vocab_size
+    handle = dropbp.apply(model)
+    closure = lambda: model(batch, labels=batch).loss  # noqa: E731
+    with pytest.raises(DropBPError, match="misses the MoE router's auxiliary loss") as error:
+        handle.sensitivity(closure)
+    assert "\n" not in str(error.value)
+    assert len(handle.sensitivity(closure, method="naive")) == len(handle.branches)
+    handle.remove()
+    model.config.output_router_logits = False  # the language-model loss alone: measured exactly
+    assert dropbp.check(model).ok

@@ -42,6 +42,7 @@ from dropbp.architectures import (
 from dropbp.errors import DropBPError
 from dropbp.hooks import first_tensor, replace_first_tensor
 from dropbp.reference import detach_branches
+from dropbp.sensitivity import unmeasurable_loss
 from dropbp.tiny import example_batch, tiny_causal_lm
 
 __all__ = [
@@ -372,6 +373,9 @@ def _no_residual_inside(model: nn.Module, handle: Any, inputs: Any, seed: int) -
 def _sensitivity_matches_definition(model: nn.Module, handle: Any, inputs: Any, seed: int) -> CheckResult:
     """The fast sensitivity (batched down the layers where it can be) against ``L + 1`` backward passes."""
     name = "sensitivity"
+    problem = unmeasurable_loss(model)
+    if problem is not None:
+        return CheckResult(name, None, problem)
 
     def closure() -> torch.Tensor:
         return _loss(_call(model, inputs), seed)

@@ -173,6 +173,19 @@ def test_torch_compile_is_refused_at_train_begin(tmp_path):
         trainer.train()
 
 
+def test_an_moe_router_auxiliary_loss_with_sensitivity_at_fails_at_train_begin(tmp_path):
+    import transformers as T
+
+    from dropbp.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(T.AutoConfig.for_model("mixtral", output_router_logits=True, vocab_size=64))
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(),
+                      callbacks=[DropBPCallback(sensitivity_at=0.5)])
+    with pytest.raises(dropbp.DropBPError, match="misses the MoE router's auxiliary loss"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_one_mask_per_optimizer_step_with_auto_step_off(tmp_path):
     model = tiny_llama()
     masks = MaskLog(model)

@@ -15,6 +15,7 @@ from dropbp.config import DropBPConfig
 from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
 from dropbp.errors import DropBPError
 from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
+from dropbp.sensitivity import unmeasurable_loss
 from dropbp.verify import CallArguments, require_sound_branches
 
 __all__ = ["DropBPCallback"]
@@ -158,6 +159,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
             # Fail now, not after sensitivity_at of the run.
             if fsdp_modules(model)[0]:
                 raise ValueError(FSDP1_SENSITIVITY_REFUSED)
+            problem = unmeasurable_loss(model)
+            if problem is not None:
+                raise DropBPError(problem)
             problem = unswitchable_checkpointing(model) if reentrant_checkpointing(model) else None
             if problem is not None:
                 raise DropBPError(
