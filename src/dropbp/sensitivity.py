@@ -168,9 +168,9 @@ def exact_sensitivity(
     full = _as_list(grads[: len(params)], params)
     incoming = {i: g for i, g in zip(live, grads[len(params):]) if g is not None}
 
-    if blocks is not None and not repeated and before_backward is None:
+    if blocks is not None and not repeated:
         try:
-            batched = _batched_down_the_blocks(full, incoming, branch_outputs, params, blocks, metric)
+            batched = _batched_down_the_blocks(full, incoming, branch_outputs, params, blocks, metric, prepare)
         except RuntimeError as error:  # a backward formula vmap cannot batch: measure one by one
             logger.debug("batched sensitivity failed (%s); measuring branch by branch", error)
             batched = None
@@ -208,6 +208,7 @@ def _batched_down_the_blocks(
     params: Sequence[torch.Tensor],
     blocks: Sequence[Block],
     metric: Metric,
+    prepare: Callable[[], None],
 ) -> list[float] | None:
     """The partial backwards of :func:`exact_sensitivity`, batched down the blocks.
 
@@ -227,7 +228,7 @@ def _batched_down_the_blocks(
     in_a_block = {i for block in blocks for i in block.branches}
     if any(i not in in_a_block for i in incoming):
         return None
-    if blocks and MIN_ROWS * blocks[0].input.numel() * blocks[0].input.element_size() > STREAM_BYTES:
+    if blocks and _rows_per_call((), blocks[0].input) < MIN_ROWS:
         return None  # rows too wide to gain from batching
     position = {id(p): k for k, p in enumerate(params)}
     owned = {id(p) for block in blocks for p in block.params}
@@ -251,6 +252,7 @@ def _batched_down_the_blocks(
                 result[r] += v
 
     def backward(stages: list[tuple[torch.Tensor, torch.Tensor]], targets: list[torch.Tensor]):
+        prepare()
         return torch.autograd.grad([out for out, _ in stages], targets, [g for _, g in stages],
                                    retain_graph=True, allow_unused=True, is_grads_batched=True)
 
@@ -291,6 +293,7 @@ def _batched_down_the_blocks(
                     backward([(above, carried[start:start + chunk])], outside))
 
     live = sorted(incoming)
+    prepare()
     check = torch.autograd.grad([branch_outputs[i][0] for i in live], params, [incoming[i] for i in live],
                                 retain_graph=True, allow_unused=True)
     for k, (expected, got) in enumerate(zip(check, summed)):
@@ -479,7 +482,7 @@ def measure_sensitivity(
             with gathered(fsdp2) as gather:
                 if fsdp2:  # the graph's leaves are the unsharded parameters, held only while gathered
                     params = handle.trainable_parameters()
-                result = exact_sensitivity(loss, outputs, params, metric, before_backward=gather if fsdp2 else None,
+                result = exact_sensitivity(loss, outputs, params, metric, before_backward=gather,
                                            dropped_gradient=dropped_gradient, blocks=blocks)
             del loss, outputs, blocks
     return average_over_ranks(result, params[0].device)
