@@ -228,7 +228,7 @@ def _batched_down_the_blocks(
     in_a_block = {i for block in blocks for i in block.branches}
     if any(i not in in_a_block for i in incoming):
         return None
-    if blocks and _rows_per_call((), blocks[0].input) < MIN_ROWS:
+    if blocks and MIN_ROWS * blocks[0].input.numel() * blocks[0].input.element_size() > STREAM_BYTES:
         return None  # rows too wide to gain from batching
     position = {id(p): k for k, p in enumerate(params)}
     owned = {id(p) for block in blocks for p in block.params}
