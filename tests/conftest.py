@@ -57,6 +57,18 @@ def byte_tokenizer(chat_template: str | None = CHATML):
     return tokenizer
 
 
+def data_load_error(path) -> str:
+    """The message of the DataError that loading ``path`` raises; it must be one line and a ValueError."""
+    from dropbp.app.data import DataError, load_examples
+
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A 2-layer random Llama with the byte-level ChatML tokenizer, saved as a Hugging Face folder."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import json
 import os
 import random
 import re
@@ -19,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import CHATML, byte_tokenizer
+from conftest import byte_tokenizer, data_load_error
 
 from dropbp.app.data import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -293,13 +292,9 @@ _GOOD = '{"prompt": "p", "response": "r"}'
 def test_malformed_lines_name_the_line(tmp_path, lines, expected):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(DataError) as info:
-        load_examples(path)
-    message = str(info.value)
-    assert "\n" not in message
+    message = data_load_error(path)
     assert message.startswith(f"{path} line ")
     assert expected in message
-    assert isinstance(info.value, ValueError)
 
 
 def test_invalid_utf8_names_the_line(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import byte_tokenizer, tiny_llama
+from conftest import byte_tokenizer, data_load_error, tiny_llama
 
 from dropbp.app.data import (
     IGNORE_INDEX,
@@ -118,10 +118,7 @@ def test_prompt_response_lines_are_returned_unchanged(tmp_path):
 )
 def test_chat_validation_errors_name_file_line_and_fix(tmp_path, line, expected):
     path = _write(tmp_path / "chat.jsonl", [_chat(_user("q"), _assistant("a")), line])
-    with pytest.raises(DataError) as info:
-        load_examples(path)
-    message = str(info.value)
-    assert "\n" not in message
+    message = data_load_error(path)
     assert message.startswith(f"{path} line 2: ")
     assert expected in message
 
