@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench bench-defaults coverage clean
+.PHONY: setup test test-fast demo bench bench-defaults evidence coverage clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ bench: setup
 # uniform vs sensitivity-based rates in the default job, 2 seeds (about 40 minutes on 2 cores)
 bench-defaults: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_defaults.py
+
+# the paper's claims re-measured on the bundled model: speed, memory, convergence (about 90 minutes on
+# 2 cores) -> benchmarks/results/evidence.{md,json,*.png}. The convergence runs stay in /tmp/dropbp-evidence;
+# EVIDENCE_ARGS=--reuse keeps the finished ones (after an interruption).
+evidence: setup
+	$(KEEP_FREED_MEMORY) $(PY) benchmarks/evidence.py $(EVIDENCE_ARGS)
 
 # dropbp.check on every causal LM type in the installed transformers -> docs/architectures.md
 coverage: setup

@@ -24,3 +24,13 @@ def test_every_test_the_compatibility_table_names_exists():
                 assert f"def {function}(" in current.read_text(), f"README names a missing test: {ref}"
                 named += 1
     assert named >= 20
+
+
+def test_every_result_file_the_readme_links_exists():
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\((benchmarks/results/[^)#\s]+)\)", readme))
+    assert {"benchmarks/results/evidence.md", "benchmarks/results/evidence_speed.png",
+            "benchmarks/results/evidence_memory.png", "benchmarks/results/evidence_convergence.png",
+            "benchmarks/results/evidence_accuracy.png"} <= linked
+    for path in linked:
+        assert (ROOT / path).exists(), f"README links a missing result: {path}"

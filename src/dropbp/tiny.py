@@ -19,8 +19,10 @@ special cases are limited to :data:`_OVERRIDES`.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +30,10 @@ import torch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["TINY_SIZES", "causal_lm_types", "example_batch", "shrink_config", "tiny_causal_lm"]
+__all__ = [
+    "CHATML", "TINY_SIZES", "byte_tokenizer", "causal_lm_types", "example_batch", "save_tiny_chat_model", "shrink_config",
+    "tiny_causal_lm", "tiny_llama",
+]
 
 _TINY_WIDTH = 64
 _TINY_HEAD_DIM = 16
@@ -660,3 +665,58 @@ def example_batch(
     if codebooks == 1:
         return {"input_ids": ids[:, 0], "labels": ids[:, 0].clone()}
     return {"input_ids": ids.reshape(batch * codebooks, length), "labels": ids.transpose(1, 2).contiguous()}
+
+
+# ---------------------------------------------------------------------------------- a tiny chat model on disk
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llama(layers: int = 3, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A random-weight Llama causal LM with grouped-query attention and a gated MLP (hidden 32).
+
+    Args:
+        layers: Decoder layers.
+        seed: Seeds ``torch.manual_seed`` before the weights are initialised.
+        **overrides: ``LlamaConfig`` fields that replace the tiny defaults.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=layers, vocab_size=64, max_position_embeddings=128, attention_dropout=0.0)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
+
+
+def byte_tokenizer(chat_template: str | None = CHATML) -> Any:
+    """A byte-level tokenizer without merges (every byte a token), pad and end tokens, and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<pad>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_tiny_chat_model(folder: str | os.PathLike[str], layers: int = 2, max_positions: int = 256) -> Path:
+    """Save a random :func:`tiny_llama` with the :func:`byte_tokenizer` as a Hugging Face folder.
+
+    What ``dropbp finetune --model`` and the ``--quick`` benchmarks run on when the real model would be too slow.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    tokenizer = byte_tokenizer()
+    model = tiny_llama(layers=layers, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=max_positions)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

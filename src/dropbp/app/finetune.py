@@ -17,6 +17,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -390,7 +391,7 @@ def resume_config(run_dir: str | os.PathLike) -> FinetuneConfig:
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "finetune",
-                 resume: bool = False) -> RunResult:
+                 resume: bool = False, prepare: Callable[[Any], Any] | None = None) -> RunResult:
     """Fine-tune, evaluate before, during and after, and write the run folder.
 
     The folder holds ``config.json``, ``metrics.jsonl`` (one line per optimizer step, with
@@ -406,6 +407,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
         command: Prefix of the default output folder name.
         resume: Continue the interrupted run in ``cfg.output_dir`` from its checkpoint
             (see :func:`resume_config`): the same losses and weights as an uninterrupted run.
+        prepare: Called with the model, ready to train and on its device, before the optimizer is
+            built (``benchmarks/evidence.py`` attaches its forward-LayerDrop baseline with it).
 
     Returns:
         The per-step history and the summary.
@@ -441,6 +444,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
             from dropbp.verify import require_sound_branches
 
             require_sound_branches(model, handle, _to(collate(tokenized[: cfg.batch_size], pad), device))
+    if prepare is not None:
+        prepare(model)
 
     def forward_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
