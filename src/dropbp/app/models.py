@@ -169,6 +169,8 @@ def _load_4bit(folder: Path, extra: dict[str, Any]) -> Any:
     # GGUF weights are dequantized on load and cannot be quantized again in the same call:
     # save them as safetensors in a temporary folder, then load that in 4-bit.
     full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    if getattr(full, "hf_quantizer", None) is not None:  # still marked GGUF-quantized: save_pretrained refuses it
+        full.hf_quantizer.remove_quantization_config(full)
     with tempfile.TemporaryDirectory(prefix="dropbp-4bit-") as tmp:
         full.save_pretrained(tmp)
         del full
