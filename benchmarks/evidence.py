@@ -22,7 +22,7 @@ Sections
                  ActivationMeter``; batch 1) vs p, for the whole model (LM head and loss included) and for
                  the decoder stack alone (what DropBP acts on). Then, at the budget the baseline holds at
                  sequence length 256, the longest sequence that fits at each p, found by bisection on
-                 measured forwards. A mask at rate p drops round(p x branches) branches, spread evenly.
+                 measured forwards. A mask at rate p drops that share of the attention and of the MLP branches.
     convergence  ``run_finetune`` (the job ``dropbp finetune`` runs: bundled data, 60 steps of 8 examples,
                  seq 96, cosine schedule, held-out loss on 48 examples every 10 steps off the training
                  clock, exact-match accuracy on 120 at the end) per arm: baseline; DropBP with uniform
@@ -281,9 +281,22 @@ def _device(model) -> torch.device:
 
 # ---------------------------------------------------------------------------------- 2. memory
 def spread_mask(branches: int, p: float) -> list[bool]:
-    """Drop round(p x branches) branches, spread evenly over the depth (attention and MLP alike)."""
-    dropped = round(p * branches)
-    return [math.floor((i + 1) * dropped / branches) > math.floor(i * dropped / branches) for i in range(branches)]
+    """Drop round(p x half) of the even-indexed and of the odd-indexed branches, spread over the depth.
+
+    Branches alternate attention, MLP, attention, ... and the two hold different amounts of memory:
+    each kind loses the same share, its dropped ones spread evenly over the depth (the MLPs' pattern
+    shifted by half the depth, so that at p=0.5 every layer keeps one of its two branches).
+    """
+    mask = [False] * branches
+    for kind in (0, 1):
+        positions = list(range(kind, branches, 2))
+        m = len(positions)
+        dropped = round(p * m)
+        shift = m // 2 if kind else 0
+        for j, position in enumerate(positions):
+            k = (j + shift) % m
+            mask[position] = math.floor((k + 1) * dropped / m) > math.floor(k * dropped / m)
+    return mask
 
 
 def held_bytes(model, handle, seq: int, mask: Sequence[bool], part: str) -> int:
@@ -686,7 +699,7 @@ def write_report(record: dict[str, Any], scale: Scale, out: Path, run: Run) -> s
             f"model*: with the LM head and the loss; *decoder*: the decoder stack alone. Budget: what p=0 holds at "
             f"sequence length {me['seq']}; *longest*: the longest sequence within it, by bisection on measured forwards "
             f"(resolution {max(1, me['seq'] // 32)} tokens, capped at {me['cap_factor']}x). The mask at p drops "
-            "round(p x branches) of the model's branches (60 in SmolLM2), spread over the depth: a training step's "
+            "round(p x 30) of the 30 attention and of the 30 MLP branches, spread over the depth: a training step's "
             "random mask keeps that many on average and more in some steps, so a real run needs some headroom.", "",
             "| method | part | p | held at seq (MiB) | ratio to p=0 | longest sequence | factor | ideal 1/(1-p) |",
             "|---|---|---:|---:|---:|---:|---:|---:|",

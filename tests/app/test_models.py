@@ -76,3 +76,20 @@ def test_bundled_smollm2_trains_two_dropbp_steps():
         optimizer.zero_grad()
         assert math.isfinite(loss.item())
     assert handle.step_count == 2 and 20 <= sum(handle.mask) <= 40
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_loads_in_4bit_for_qlora():
+    import bitsandbytes as bnb
+
+    from dropbp.app.models import load_weights
+
+    # The GGUF weights are dequantized, saved and loaded again in NF4: save_pretrained refused a
+    # model still marked GGUF-quantized, so `dropbp finetune --method qlora` failed on the default model.
+    model = prepare_for_training(load_weights(None, four_bit=True), "qlora")
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 30 * 7  # q, k, v, o, gate, up, down in every layer
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
