@@ -40,7 +40,7 @@ bench: setup
 bench-defaults: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_defaults.py
 
-# the paper's claims re-measured on the bundled model: speed, memory, convergence (about 90 minutes on
+# the paper's claims re-measured on the bundled model: speed, memory, convergence (about 100 minutes on
 # 2 cores) -> benchmarks/results/evidence.{md,json,*.png}. The convergence runs stay in /tmp/dropbp-evidence;
 # EVIDENCE_ARGS=--reuse keeps the finished ones (after an interruption).
 evidence: setup
