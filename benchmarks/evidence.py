@@ -103,11 +103,16 @@ QUICK = Scale(model="<tiny>", speed_seq=32, speed_rounds=2, memory_seq=16, memor
 
 # ---------------------------------------------------------------------------------- models and FLOPs
 def load_for_training(scale: Scale, method: str):
-    """The model ``run_finetune`` would train for ``method``, in train mode, fp32 (4-bit base for QLoRA)."""
+    """The model ``run_finetune`` would train for ``method``, in train mode, fp32 (4-bit base for QLoRA), on
+    the GPU when torch sees one (``run_finetune``'s ``--device auto``)."""
+    from dropbp.app.finetune import resolve_device
     from dropbp.app.models import load_weights, prepare_for_training
 
     torch.manual_seed(0)
     model = prepare_for_training(load_weights(scale.model, four_bit=method == "qlora"), method)
+    device = resolve_device("auto")
+    if _device(model) != device:
+        model.to(device)
     return model.train()
 
 
