@@ -61,8 +61,8 @@ from bench_defaults import step_reaching
 from harness import RESULTS, Run, args_record, interleaved, say
 
 import dropbp
-from dropbp.app.files import atomic_path
 from dropbp.app.finetune import FinetuneConfig, last_heldout, run_finetune, time_to_heldout
+from dropbp.app.plots import pyplot, save_figure
 from dropbp.architectures import resolve_branches
 from dropbp.config import DropBPConfig
 from dropbp.flops import flop_counter
@@ -163,7 +163,7 @@ class ForwardLayerDrop:
     A skipped branch returns zeros in place of its output (the residual stream passes unchanged and
     nothing of the branch runs, forward or backward); a kept one is scaled by ``1 / (1 - rate)``, so
     the expected output is unchanged. Branches are the ones DropBP finds; their output is a tensor or
-    a tuple whose first element is the hidden state (attention), learnt from the first kept call.
+    a tuple whose first element is the hidden state (attention), learnt from the first training call.
 
     Args:
         model: The model to train.
@@ -185,24 +185,23 @@ class ForwardLayerDrop:
             self.modules.append(module)
 
     def _wrap(self, module, forward: Callable) -> Callable:
-        tuple_length: list[int | None] = []  # learnt from the first kept call: None for a plain tensor
+        tuple_length: list[int | None] = []  # learnt from the first training call: None for a plain tensor
 
         def run(*args, **kwargs):
             if not module.training:
                 return forward(*args, **kwargs)
             self.calls += 1
             skip = torch.rand((), generator=self.generator).item() < self.rate
-            if skip and tuple_length:
+            if not tuple_length:  # the branch's first training call runs it once to learn its output's structure
+                out = forward(*args, **kwargs)
+                tuple_length.append(len(out) if isinstance(out, tuple) else None)
+            elif not skip:
+                out = forward(*args, **kwargs)
+            if skip:
                 self.skipped += 1
                 hidden = args[0] if args else kwargs["hidden_states"]
                 zeros = torch.zeros_like(hidden)
                 return zeros if tuple_length[0] is None else (zeros, *[None] * (tuple_length[0] - 1))
-            out = forward(*args, **kwargs)
-            if not tuple_length:
-                tuple_length.append(len(out) if isinstance(out, tuple) else None)
-                if skip:  # the very first call of this branch: its structure was unknown, skip it now
-                    self.skipped += 1
-                    return _zeros_like(out)
             scale = 1.0 / (1.0 - self.rate)
             return (out[0] * scale, *out[1:]) if isinstance(out, tuple) else out * scale
 
@@ -211,10 +210,6 @@ class ForwardLayerDrop:
     def remove(self) -> None:
         for module in self.modules:
             del module.forward  # the instance attribute; the class's forward shows through again
-
-
-def _zeros_like(out):
-    return (torch.zeros_like(out[0]), *[None] * (len(out) - 1)) if isinstance(out, tuple) else torch.zeros_like(out)
 
 
 # ---------------------------------------------------------------------------------- 1. speed
@@ -799,24 +794,9 @@ def write_report(record: dict[str, Any], scale: Scale, out: Path, run: Run) -> s
     return "\n".join(lines)
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _figure().close(fig)
-
-
 def plot_all(record: dict[str, Any], out: Path) -> dict[str, str]:
     """Write the figures of the sections that ran; their file names by section."""
-    plt = _figure()
+    plt = pyplot()
     names = {"speed": "evidence_speed.png", "memory": "evidence_memory.png",
              "convergence": "evidence_convergence.png", "accuracy": "evidence_accuracy.png"}
     if "speed" in record:
@@ -829,7 +809,7 @@ def plot_all(record: dict[str, Any], out: Path) -> dict[str, str]:
                     label=f"{method} FLOP limit")
         ax.set(xlabel="drop rate p", ylabel="step time / step time at p=0", title="Step time vs drop rate")
         ax.legend(fontsize=8)
-        _save(fig, out / names["speed"])
+        save_figure(fig, out / names["speed"])
     if "memory" in record:
         fig, ax = plt.subplots(figsize=(6, 4))
         rows = list(record["memory"]["rows"].values())
@@ -842,7 +822,7 @@ def plot_all(record: dict[str, Any], out: Path) -> dict[str, str]:
         ax.axhline(SEQ_FACTOR_GOAL, linestyle="--", color="black", linewidth=0.8, label=f"goal {SEQ_FACTOR_GOAL:.0f}x")
         ax.set(xlabel="drop rate p", ylabel="longest sequence / baseline's", title="Longest sequence at a fixed activation budget")
         ax.legend(fontsize=8)
-        _save(fig, out / names["memory"])
+        save_figure(fig, out / names["memory"])
     if "convergence" in record:
         rows = list(record["convergence"]["rows"].values())
         panels = list(dict.fromkeys((r["method"], r["p"]) for r in rows))
@@ -856,7 +836,7 @@ def plot_all(record: dict[str, Any], out: Path) -> dict[str, str]:
                             label=r["arm"] if r["seed"] == 0 else None)
             ax.set(xlabel="training clock (s), evaluations excluded", ylabel="held-out loss", title=f"{method}, p={p}")
             ax.legend(fontsize=8)
-        _save(fig, out / names["convergence"])
+        save_figure(fig, out / names["convergence"])
         means = [m for m in record["convergence"]["means"].values()]
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(panels) * len(ARMS)), 4))
         width = 0.8 / len(ARMS)
@@ -870,7 +850,7 @@ def plot_all(record: dict[str, Any], out: Path) -> dict[str, str]:
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(panels))], [f"{m}, p={p}" for m, p in panels])
         ax.set(ylabel="exact-match accuracy (%)", title="Held-out accuracy per arm (mean, min..max over seeds)")
         ax.legend(fontsize=8)
-        _save(fig, out / names["accuracy"])
+        save_figure(fig, out / names["accuracy"])
     return names
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from dropbp.app.files import atomic_path
 
-__all__ = ["plot_losses", "plot_sensitivity"]
+__all__ = ["plot_losses", "plot_sensitivity", "pyplot", "save_figure"]
 
 
-def _figure():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,9 +21,11 @@ def _figure():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG atomically (nothing half-written on failure), then close it."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    pyplot().close(fig)
 
 
 def _smooth(values: list[float], window: int = 5) -> list[float]:
@@ -46,7 +49,7 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], path: str | Path) ->
             (and ``heldout_loss`` on evaluated steps).
         path: PNG file to write (atomically).
     """
-    plt = _figure()
+    plt = pyplot()
     heldout = any("heldout_loss" in r for history in histories.values() for r in history)
     fig, axes = plt.subplots(1, 3 if heldout else 2, figsize=(16 if heldout else 11, 4))
     by_step, by_time = axes[0], axes[1]
@@ -67,8 +70,7 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], path: str | Path) ->
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_sensitivity(names: Sequence[str], sensitivity: Sequence[float], rates: Sequence[float], path: str | Path) -> None:
@@ -80,7 +82,7 @@ def plot_sensitivity(names: Sequence[str], sensitivity: Sequence[float], rates: 
         rates: Per-branch allocated drop rate.
         path: PNG file to write (atomically).
     """
-    plt = _figure()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(names)), 6), sharex=True)
     positions = range(len(names))
     colors = ["tab:blue" if "attn" in n or "attention" in n else "tab:orange" for n in names]
@@ -91,5 +93,4 @@ def plot_sensitivity(names: Sequence[str], sensitivity: Sequence[float], rates: 
     bottom.set_ylabel("allocated drop rate")
     bottom.set_xticks(list(positions), [n.split("layers.")[-1] for n in names], rotation=90, fontsize=6)
     top.set_title("blue: attention, orange: MLP")
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
