@@ -29,6 +29,7 @@ from dropbp.checkpointing import (
 )
 from dropbp.distributed import require_find_unused
 from dropbp.errors import DropBPError
+from dropbp.zero import SENSITIVITY_THROUGH_ENGINE_REFUSED, active_engine, guard_engine
 
 if TYPE_CHECKING:
     from dropbp.handle import DropBPHandle
@@ -83,6 +84,7 @@ class Forwards:
         self._capture_next = False
         self._captured: ForwardContext | None = None
         self._checked_ddp: set[int] = set()
+        self._checked_engines: set[int] = set()
         self._anchor: torch.Tensor | None = None
         self._running: dict[int, ForwardContext] = {}  # id -> a forward whose backward is running
 
@@ -91,6 +93,7 @@ class Forwards:
         if torch.compiler.is_compiling():
             refuse_compile()
         self._check_ddp_wrapper()
+        self._check_deepspeed_engine()
         if self.handle._overrides:
             mask = self.handle._overrides[-1]
         elif self.handle.auto_step:
@@ -256,6 +259,18 @@ class Forwards:
             return
         self._checked_ddp.add(id(active))
         require_find_unused(active)
+
+    def _check_deepspeed_engine(self) -> None:
+        """Under a DeepSpeed engine: refuse what ZeRO cannot make exact, and guard ZeRO-3 against stale gradients."""
+        engine = active_engine()
+        if engine is not None and self._capture_next:
+            raise DropBPError(SENSITIVITY_THROUGH_ENGINE_REFUSED)
+        if engine is None or id(engine) in self._checked_engines:
+            return
+        guard = guard_engine(engine, self.handle.model, self.handle.auto_step)
+        self._checked_engines.add(id(engine))
+        if guard is not None and guard not in self.handle._zero_guards:
+            self.handle._zero_guards.append(guard)
 
     def _will_recompute(self, index: int, context: ForwardContext) -> bool:
         """Whether gradient checkpointing will run this call again in backward.

@@ -24,6 +24,7 @@ from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
 from dropbp.sensitivity import Metric, measure_sensitivity
 from dropbp.validation import check_mask, check_nonnegative, check_rate, check_rates
+from dropbp.zero import release_guards
 
 __all__ = ["COMPILE_REFUSED", "DropBPHandle", "apply", "find_handle"]
 
@@ -112,6 +113,7 @@ class DropBPHandle:
         """The per-process state a copy of the handle must not share."""
         self._lock = threading.Lock()
         self._overrides: list[tuple[bool, ...]] = []
+        self._zero_guards: list = []  # step wrappers on DeepSpeed ZeRO optimizers (dropbp.zero), undone by remove()
         self._forwards = Forwards(self)
 
     def _register_hooks(self, specs: list[BranchSpec]) -> list:
@@ -144,7 +146,7 @@ class DropBPHandle:
             )
         clone = object.__new__(DropBPHandle)
         memo[id(self)] = clone
-        runtime = {"_lock", "_overrides", "_forwards"}
+        runtime = {"_lock", "_overrides", "_forwards", "_zero_guards"}
         for name, value in self.__dict__.items():
             if name not in runtime:
                 setattr(clone, name, copy.deepcopy(value, memo))
@@ -451,6 +453,7 @@ class DropBPHandle:
             hook.remove()
         self._hook_handles = []
         self._forwards.replays.remove()
+        release_guards(self._zero_guards)
 
     def __repr__(self) -> str:
         return (

@@ -40,6 +40,7 @@ from dropbp.distributed import (
     gathered,
 )
 from dropbp.errors import DropBPError
+from dropbp.zero import ZERO3_SENSITIVITY_REFUSED, is_zero3_model
 
 if TYPE_CHECKING:
     from dropbp.handle import DropBPHandle
@@ -442,6 +443,8 @@ def measure_sensitivity(
     fsdp1, fsdp2 = fsdp_modules(model)
     if fsdp1:
         raise ValueError(FSDP1_SENSITIVITY_REFUSED)
+    if is_zero3_model(model):
+        raise DropBPError(ZERO3_SENSITIVITY_REFUSED)
     if fsdp2 and method != "fast":
         raise ValueError("under FSDP2 only method='fast' measures sensitivity; the naive check needs whole parameters")
     if method not in ("fast", "naive"):

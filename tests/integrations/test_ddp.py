@@ -14,13 +14,13 @@ import dropbp
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(mode: str, out: Path, worker: str = WORKER.name) -> subprocess.CompletedProcess:
-    """Run ``worker`` (a script beside this file) in 2 gloo processes and wait for it."""
+def torchrun(mode: str, out: Path, worker: str = WORKER.name, *extra: str) -> subprocess.CompletedProcess:
+    """Run ``worker`` (a script beside this file) in 2 gloo processes with ``extra`` arguments and wait for it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(WORKER.with_name(worker)), "--mode", mode, "--out", str(out)]
+               "--master_port", str(port), str(WORKER.with_name(worker)), "--mode", mode, "--out", str(out), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

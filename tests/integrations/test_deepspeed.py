@@ -1,0 +1,146 @@
+"""DeepSpeed ZeRO-1/2/3 with 2 gloo processes (torchrun and the HF Trainer), against single-process references."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_ddp import torchrun
+
+import dropbp
+
+pytest.importorskip("deepspeed")
+
+from deepspeed_worker import PER_RANK, SEED, STEPS, global_batch  # noqa: E402
+
+WORKER = "deepspeed_worker.py"
+
+# Each setting trains STEPS optimizer steps with SGD (no clipping) under one engine; the reference below runs
+# the same global batches and masks in one process. ZeRO-3 and offload leave a parameter that got no gradient
+# with last step's gradient unless DropBP zeroes it (dropbp.zero); every setting drops branches in every step.
+EXACT_SETTINGS = [
+    {"stage": 1, "ga": 2},
+    {"stage": 2},
+    {"stage": 2, "ga": 2, "order": "after"},
+    {"stage": 2, "checkpointing": "non-reentrant"},
+    {"stage": 3},
+    {"stage": 3, "ga": 2},
+    {"stage": 3, "ga": 2, "order": "after"},
+    {"stage": 3, "ga": 2, "checkpointing": "reentrant"},
+    {"stage": 3, "offload": True},
+    {"stage": 3, "ga": 2, "offload": True, "auto_step": False},
+    {"stage": 2, "offload": True},
+    {"stage": 2, "ga": 2, "offload": True, "auto_step": False},
+]
+
+
+def reference(setting: dict, batches=None, rates_after=None) -> tuple[dict, list[float]]:
+    """One process, the global batches, the same masks; a parameter without gradient gets a zero one (ZeRO's).
+
+    ``rates_after``: (optimizer steps, rates) to set the drop rates to after that many steps.
+    """
+    model = tiny_llama()
+    model.train()
+    handle = dropbp.apply(model, drop_rate=0.5, seed=SEED, auto_step=setting.get("auto_step", True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ga = setting.get("ga", 1)
+    losses = []
+    for step in range(STEPS):
+        if not handle.auto_step:
+            handle.step()
+        for micro in range(ga):
+            batch = global_batch(step, micro) if batches is None else batches[step * ga + micro]
+            loss = model(batch, labels=batch).loss
+            (loss / ga).backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if rates_after is not None and step + 1 == rates_after[0]:
+            handle.set_drop_rates(rates_after[1])
+    return {name: p.detach() for name, p in model.named_parameters()}, losses
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed-engine")
+    result = torchrun("engine", out, WORKER, "--settings", json.dumps(EXACT_SETTINGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {json.dumps(r["setting"], sort_keys=True): r for r in torch.load(out / "engine.pt")}
+
+
+@pytest.mark.parametrize("setting", EXACT_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_zero_matches_single_process_on_the_global_batch(engine_results, setting):
+    saved = engine_results[json.dumps(setting, sort_keys=True)]
+    expected, _ = reference(setting)
+    assert saved["masks"] == STEPS * (setting.get("ga", 1) if setting.get("auto_step", True) else 1)
+    initial = dict(tiny_llama().named_parameters())
+    moved = 0
+    for name, value in expected.items():
+        torch.testing.assert_close(saved["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(value, initial[name])
+    assert moved > 0
+
+
+REFUSED = {
+    "zero3-non-reentrant-checkpointing": ({"stage": 3, "checkpointing": "non-reentrant"}, "use_reentrant': True"),
+    "offload-accumulation-mask-per-micro-batch": ({"stage": 3, "ga": 2, "offload": True}, "auto_step=False"),
+    "zero2-offload-accumulation-mask-per-micro-batch": ({"stage": 2, "ga": 2, "offload": True}, "auto_step=False"),
+    "zero3-sensitivity": ({"stage": 3, "sensitivity": True}, "ZeRO-3 partitions the parameters"),
+}
+
+
+def test_what_zero_cannot_make_exact_is_refused_on_every_rank(tmp_path):
+    settings = {name: setting for name, (setting, _) in REFUSED.items()}
+    result = torchrun("refusals", tmp_path, WORKER, "--settings", json.dumps(settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        messages = json.loads((tmp_path / f"refusals-{rank}.json").read_text())
+        for name, (_, fix) in REFUSED.items():
+            assert messages[name] is not None, f"{name} was not refused on rank {rank}"
+            assert messages[name].startswith("DropBP: ") and "\n" not in messages[name]
+            assert fix in messages[name], messages[name]
+
+
+def test_sensitivity_under_zero2_is_exact_and_averaged_over_ranks(tmp_path):
+    result = torchrun("sensitivity", tmp_path, WORKER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "sensitivity.pt")
+    for rank in (0, 1):
+        assert "not the DeepSpeed engine" in (tmp_path / f"through-engine-{rank}.txt").read_text()
+    per_rank = []
+    for rank in (0, 1):
+        model = tiny_llama()
+        model.train()
+        handle = dropbp.apply(model, drop_rate=0.5, seed=SEED)
+        local = global_batch(0, 0)[rank * PER_RANK : (rank + 1) * PER_RANK]
+        per_rank.append(handle.sensitivity(lambda: model(local, labels=local).loss))
+    expected = [(a + b) / 2 for a, b in zip(*per_rank)]
+    assert saved["sensitivities"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(("stage", "sensitivity_at"), [(2, None), (3, None), (2, 0.25)])
+def test_trainer_with_a_deepspeed_dict_matches_single_process(tmp_path, stage, sensitivity_at):
+    extra = ["--stage", str(stage)] + ([] if sensitivity_at is None else ["--sensitivity-at", str(sensitivity_at)])
+    result = torchrun("trainer", tmp_path, WORKER, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "trainer.pt")
+    seen = [torch.load(tmp_path / f"trainer-batches-{rank}.pt") for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == STEPS * 2
+    batches = [torch.cat([a, b]) for a, b in zip(*seen)]  # the global micro-batches, in order
+    # Sensitivity is measured after optimizer step 1 (0.25 of 4); the reference takes the rates it allocated.
+    rates_after = None if sensitivity_at is None else (1, saved["rates"])
+    expected, _ = reference({"ga": 2}, batches, rates_after)
+    assert saved["masks"] == STEPS * 2
+    if sensitivity_at is not None:
+        assert len(set(saved["rates"])) > 1
+    for name, value in expected.items():
+        torch.testing.assert_close(saved["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_refuses_sensitivity_under_zero3_at_train_begin(tmp_path):
+    result = torchrun("trainer", tmp_path, WORKER, "--stage", "3", "--sensitivity-at", "0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        message = (tmp_path / f"trainer-error-{rank}.txt").read_text()
+        assert "ZeRO-3 partitions the parameters" in message and "\n" not in message
+    assert not (tmp_path / "trainer.pt").exists()
