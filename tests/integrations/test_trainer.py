@@ -242,7 +242,18 @@ def test_first_examples_cuts_only_tensors_with_the_batch_dimension():
     from dropbp.integrations.trainer import _first_examples
 
     ids, scalar, other = torch.zeros(4, 3), torch.tensor(1.0), torch.zeros(2, 3)
-    args, kwargs = _first_examples((ids,), {"labels": ids, "scale": scalar, "extra": other, "flag": True}, 2)
-    assert args[0].shape == (2, 3) and kwargs["labels"].shape == (2, 3)
-    assert kwargs["scale"] is scalar and kwargs["extra"] is other and kwargs["flag"] is True
-    assert _first_examples((ids,), {}, None)[0][0] is ids
+    inputs = {"input_ids": ids, "nested": {"labels": ids, "pair": (ids, other)}, "scale": scalar, "extra": other,
+              "flag": True}
+    cut = _first_examples(inputs, 2)
+    assert cut["input_ids"].shape == cut["nested"]["labels"].shape == cut["nested"]["pair"][0].shape == (2, 3)
+    assert cut["scale"] is scalar and cut["extra"] is other and cut["nested"]["pair"][1] is other
+    assert cut["flag"] is True
+    assert _first_examples(inputs, None) is inputs
+
+
+def test_sensitivity_outside_a_trainer_is_refused_at_train_begin(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.1)
+    with pytest.raises(dropbp.DropBPError, match="no transformers.Trainer is running this callback"):
+        callback.on_train_begin(training_args(tmp_path), TrainerState(), TrainerControl(), model=tiny_llama())

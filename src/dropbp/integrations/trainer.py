@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import gc
+import sys
+import weakref
 from collections import deque
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,35 +22,114 @@ from dropbp.errors import DropBPError
 from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
 from dropbp.sensitivity import unmeasurable_loss
 from dropbp.verify import CallArguments, require_sound_branches
+from dropbp.zero import refuse_zero3
 
 __all__ = ["DropBPCallback"]
 
 
-def _loss_of(output: Any) -> torch.Tensor:
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    if loss is None and isinstance(output, (tuple, list)) and output:
-        loss = output[0]
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(
-            "DropBPCallback measures sensitivity with the model's own loss, but the training batches "
-            "carry no labels; add labels to the batches or pass sensitivity_at=None"
+def _scalar_loss(loss: Any) -> torch.Tensor:
+    if isinstance(loss, (tuple, list)) and loss:  # a compute_loss that returns (loss, outputs) regardless
+        loss = loss[0]
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+        raise DropBPError(
+            "DropBPCallback measures sensitivity on the Trainer's compute_loss, which returned no differentiable "
+            "scalar for the recorded batch; fix compute_loss or pass sensitivity_at=None"
         )
     return loss
 
 
-def _first_examples(args: tuple, kwargs: dict, count: int | None) -> tuple[tuple, dict]:
-    """The call's arguments cut to the first ``count`` examples (tensors sharing the batch's first dimension)."""
-    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if count is None or not tensors:
-        return args, kwargs
-    size = tensors[0].shape[0]
+def _first_examples(inputs: Any, count: int | None, size: int | None = None) -> Any:
+    """``inputs`` (a batch dict, or nested tuples/dicts of them) cut to the first ``count`` examples.
 
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-            return value[:count]
-        return value
+    Only tensors whose first dimension is the batch's (that of the first such tensor found) are
+    cut; scalars and other tensors are kept as they are.
+    """
+    if count is None:
+        return inputs
+    if size is None:
+        first = _first_batched_tensor(inputs)
+        if first is None:
+            return inputs
+        size = first.shape[0]
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:count] if inputs.dim() > 0 and inputs.shape[0] == size else inputs
+    if isinstance(inputs, Mapping):
+        return {key: _first_examples(value, count, size) for key, value in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(_first_examples(value, count, size) for value in inputs)
+    return inputs
 
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+def _first_batched_tensor(inputs: Any) -> torch.Tensor | None:
+    if isinstance(inputs, torch.Tensor):
+        return inputs if inputs.dim() > 0 else None
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else ()
+    for value in values:
+        found = _first_batched_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def _calling_trainer() -> Any | None:
+    """The ``transformers.Trainer`` whose training loop is calling this callback (found on the call stack)."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def _trainer_state_kept(trainer: Any) -> Iterator[None]:
+    """Undo what the measurement's ``compute_loss`` calls record on the trainer (TRL's metrics, token counts).
+
+    The measurement is not training: its batches must not reach the logged averages.
+    """
+    attributes = dict(vars(trainer))
+    metrics = {name: copy.deepcopy(vars(trainer)[name]) for name in _METRICS if name in vars(trainer)}
+    try:
+        yield
+    finally:
+        for name, value in attributes.items():
+            if vars(trainer).get(name) is not value:
+                setattr(trainer, name, value)
+        for name, value in metrics.items():
+            setattr(trainer, name, value)
+
+
+class _LossRecorder:
+    """Keeps the inputs of the Trainer's training ``compute_loss`` calls (an instance attribute over its method)."""
+
+    def __init__(self, trainer: Any, recent: deque):
+        self._trainer = weakref.ref(trainer)  # the trainer holds this callback: no cycle through us
+        self.compute_loss = trainer.compute_loss
+        self.recent = recent
+        trainer.compute_loss = self
+
+    @property
+    def trainer(self) -> Any:
+        return self._trainer()
+
+    def __call__(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if model.training and torch.is_grad_enabled():
+            self.recent.append((inputs, {**dict(zip(("return_outputs", "num_items_in_batch"), args)), **kwargs}))
+        return self.compute_loss(model, inputs, *args, **kwargs)
+
+    def remove(self) -> None:
+        trainer = self.trainer
+        if trainer is not None and vars(trainer).get("compute_loss") is self:
+            del trainer.compute_loss
+
+
+_STACK_DEPTH = 20  # Trainer._inner_training_loop -> CallbackHandler.on_train_begin -> call_event -> us
+_METRICS = ("_metrics", "_stored_metrics")  # where TRL's trainers collect the metrics compute_loss logs
 
 
 class DropBPCallback(TrainerCallback, ExportableState):
@@ -66,6 +150,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
       sensitivity on the first ``sensitivity_examples`` examples of each of the last
       ``sensitivity_batches`` training batches (averaged, and
       averaged over ranks) and allocates per-branch rates for the target ``drop_rate``.
+      The loss measured is the one being trained: the Trainer's own ``compute_loss`` (DPO's,
+      GRPO's, KTO's, a reward model's pairwise loss, ...) on the recorded inputs, in its
+      ``compute_loss_context_manager``; what those calls log (TRL's metrics) is discarded.
+      Their losses are kept in :attr:`sensitivity_losses`.
     - It adds ``dropbp/drop_rate`` (mean fraction of branches dropped) and
       ``dropbp/backward_flops_skipped`` (fraction of branch backward FLOPs skipped) to each
       log, ahead of the reporting integrations (TensorBoard, W&B, ...) and of
@@ -80,8 +168,14 @@ class DropBPCallback(TrainerCallback, ExportableState):
             e.g. ``DropBPCallback(drop_rate=0.5, sensitivity_at=0.1, sensitivity_batches=1,
             max_rate=0.9, seed=0)``.
 
+    Attributes:
+        handle: The :class:`~dropbp.DropBPHandle` (after train begin).
+        sensitivity_losses: The losses of the batches sensitivity was measured on (None before).
+
     Raises:
         ValueError: On invalid settings (see :class:`dropbp.DropBPConfig`).
+        DropBPError: At train begin, with ``sensitivity_at`` set, if no ``transformers.Trainer``
+            runs the callback, or the model or its checkpointing cannot be measured (see above).
     """
 
     def __init__(self, config: DropBPConfig | None = None, **kwargs: Any):
@@ -91,8 +185,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
         self.handle: DropBPHandle | None = None
         self._measured = False
         self._recent: deque = deque(maxlen=self.config.sensitivity_batches)
-        self._recorder = None
+        self._recorder: _LossRecorder | None = None
         self._verifier = None
+        self.sensitivity_losses: list[float] | None = None
 
     # ExportableState: what the Trainer writes into each checkpoint's trainer_state.json.
     def state(self) -> dict[str, Any]:
@@ -109,10 +204,6 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if isinstance(saved, list):  # several callbacks of this class: the first is ours
             saved = saved[0] if saved else {}
         return saved.get("attributes") or {}
-
-    def _record_batch(self, module, args: tuple, kwargs: dict) -> None:
-        if module.training and torch.is_grad_enabled():
-            self._recent.append((args, kwargs))
 
     def _verify_first_batch(self, module, args: tuple, kwargs: dict) -> None:
         """On the first training forward: refuse fallback branches that would cut the residual stream."""
@@ -155,6 +246,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if state.global_step > 0 and saved.get("handle_state"):
             handle.load_state_dict(saved["handle_state"])
             self._measured = bool(saved.get("measured"))
+        refuse_zero3(model, sensitivity=self.config.sensitivity_at is not None and not self._measured)
         if self.config.sensitivity_at is not None and not self._measured:
             # Fail now, not after sensitivity_at of the run.
             if fsdp_modules(model)[0]:
@@ -169,7 +261,13 @@ class DropBPCallback(TrainerCallback, ExportableState):
                     f"support, and {problem}; use gradient_checkpointing_kwargs={{'use_reentrant': False}} or "
                     "sensitivity_at=None"
                 )
-            self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
+            trainer = _calling_trainer()
+            if trainer is None:
+                raise DropBPError(
+                    "sensitivity_at measures sensitivity on the Trainer's compute_loss, and no transformers.Trainer "
+                    "is running this callback; train with a Trainer (or a subclass) or pass sensitivity_at=None"
+                )
+            self._recorder = _LossRecorder(trainer, self._recent)
         handle.drop_statistics(reset=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -183,16 +281,29 @@ class DropBPCallback(TrainerCallback, ExportableState):
             return
         model = model if model is not None else self.handle.model
         cfg = self.config
-        closures = [
-            (lambda a=batch_args, k=batch_kwargs: _loss_of(model(*a, **k)))
-            for batch_args, batch_kwargs in (_first_examples(a, k, cfg.sensitivity_examples) for a, k in self._recent)
-        ]
-        self.handle.calibrate(closures, cfg.drop_rate, cfg.max_rate, cfg.allocation, cfg.sensitivity_metric)
+        recorder = self._recorder
+        trainer = recorder.trainer
+        losses = []
+
+        def closure(inputs: Any, keywords: dict) -> torch.Tensor:
+            keywords = {k: v for k, v in keywords.items() if k != "return_outputs"}
+            if cfg.sensitivity_examples is not None:
+                # The loss's normaliser counted the whole batch (and accumulation window); the cut batch has its own.
+                inputs = _first_examples(inputs, cfg.sensitivity_examples)
+                keywords.pop("num_items_in_batch", None)
+            with trainer.compute_loss_context_manager():
+                loss = _scalar_loss(recorder.compute_loss(model, inputs, **keywords))
+            losses.append(loss.item())
+            return loss
+
+        closures = [lambda i=inputs, k=keywords: closure(i, k) for inputs, keywords in self._recent]
+        recorder.remove()  # its own calls are not training batches
+        self._recorder = None
+        with _trainer_state_kept(trainer):
+            self.handle.calibrate(closures, cfg.drop_rate, cfg.max_rate, cfg.allocation, cfg.sensitivity_metric)
+        self.sensitivity_losses = losses
         self._measured = True
         self._recent.clear()
-        if self._recorder is not None:
-            self._recorder.remove()
-            self._recorder = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.handle is None or logs is None or "loss" not in logs:
@@ -213,3 +324,4 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if self._recorder is not None:
             self._recorder.remove()
             self._recorder = None
+            self._recent.clear()
