@@ -19,6 +19,7 @@ WORKER = "deepspeed_worker.py"
 # the same global batches and masks in one process. ZeRO-3 and offload leave a parameter that got no gradient
 # with last step's gradient unless DropBP zeroes it (dropbp.zero); every setting drops branches in every step.
 EXACT_SETTINGS = [
+    {"stage": 0, "ga": 2},
     {"stage": 1, "ga": 2},
     {"stage": 2},
     {"stage": 2, "ga": 2, "order": "after"},
