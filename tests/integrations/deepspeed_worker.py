@@ -38,7 +38,7 @@ def global_batch(step: int, micro: int) -> torch.Tensor:
     return torch.randint(0, 64, (2 * PER_RANK, LENGTH), generator=generator)
 
 
-def engine_config(stage: int, ga: int, offload: bool = False) -> dict:
+def engine_config(stage: int, ga: int, offload: bool = False, bf16: bool = False) -> dict:
     zero = {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -47,6 +47,7 @@ def engine_config(stage: int, ga: int, offload: bool = False) -> dict:
         "zero_optimization": zero, "zero_allow_untested_optimizer": True,
         # offload with torch's SGD instead of DeepSpeedCPUAdam (a C++ build on first use)
         "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": bf16},
     }
 
 
@@ -75,7 +76,7 @@ def build(setting: dict):
     apply = dict(drop_rate=0.5, seed=SEED, auto_step=setting.get("auto_step", True))
     handle = dropbp.apply(model, **apply) if setting.get("order", "before") == "before" else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    config = engine_config(setting["stage"], setting.get("ga", 1), setting.get("offload", False))
+    config = engine_config(setting["stage"], setting.get("ga", 1), setting.get("offload", False), setting.get("bf16", False))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if handle is None:
         handle = dropbp.apply(engine.module, **apply)
@@ -107,6 +108,29 @@ def run_engine(args, rank: int) -> None:
         assert "step" not in vars(engine.optimizer), "remove() must restore the ZeRO optimizer's own step"
     if rank == 0:
         torch.save(results, args.out / "engine.pt")
+
+
+def run_untouched(args, rank: int) -> None:
+    """One mask per optimizer step; per step, whether each branch's parameters moved (gathered under ZeRO-3)."""
+    results = []
+    for setting in json.loads(args.settings):
+        model, handle, engine = build({**setting, "auto_step": False})
+        named = {name: p for name, p in engine.module.named_parameters()}
+        branches = [[name for name in named if name.startswith(f"{b.name}.")] for b in handle.branches]
+        moved = []
+        for step in range(STEPS):
+            mask = handle.step()
+            before = gathered_state(engine, setting["stage"])
+            for micro in range(setting.get("ga", 1)):
+                local = global_batch(step, micro)[rank * PER_RANK : (rank + 1) * PER_RANK]
+                engine.backward(engine(local, labels=local).loss)
+                engine.step()
+            after = gathered_state(engine, setting["stage"])
+            moved.append([(dropped, any(not torch.equal(before[n], after[n]) for n in names))
+                          for dropped, names in zip(mask, branches)])
+        results.append({"setting": setting, "moved": moved})
+    if rank == 0:
+        torch.save(results, args.out / "untouched.pt")
 
 
 def run_refusals(args, rank: int) -> None:
@@ -190,7 +214,7 @@ def run_trainer(args, rank: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["engine", "refusals", "sensitivity", "trainer"], required=True)
+    parser.add_argument("--mode", choices=["engine", "untouched", "refusals", "sensitivity", "trainer"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", default="[]")
     parser.add_argument("--stage", type=int, default=3)
@@ -201,7 +225,7 @@ def main() -> None:
 
     deepspeed.init_distributed("gloo")
     rank = dist.get_rank()
-    {"engine": run_engine, "refusals": run_refusals, "sensitivity": run_sensitivity, "trainer": run_trainer}[
+    {"engine": run_engine, "untouched": run_untouched, "refusals": run_refusals, "sensitivity": run_sensitivity, "trainer": run_trainer}[
         args.mode](args, rank)
     dist.barrier()
 

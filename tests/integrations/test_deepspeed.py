@@ -82,6 +82,27 @@ def test_zero_matches_single_process_on_the_global_batch(engine_results, setting
     assert moved > 0
 
 
+BF16_SETTINGS = [
+    {"stage": 1, "bf16": True},
+    {"stage": 2, "bf16": True, "ga": 2},
+    {"stage": 3, "bf16": True, "ga": 2},
+    {"stage": 3, "bf16": True, "offload": True},
+]
+
+
+def test_under_bf16_a_dropped_branch_is_untouched_and_a_kept_one_moves(tmp_path):
+    # bf16 has no exact single-process twin; what must hold exactly is the invariant: with SGD and one mask per
+    # optimizer step, a branch dropped in that step keeps every parameter bit for bit, a kept one changes.
+    result = torchrun("untouched", tmp_path, WORKER, "--settings", json.dumps(BF16_SETTINGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for saved in torch.load(tmp_path / "untouched.pt"):
+        steps = saved["moved"]
+        assert len(steps) == STEPS and any(dropped for step in steps for dropped, _ in step)
+        for step, branches in enumerate(steps):
+            for index, (dropped, moved) in enumerate(branches):
+                assert moved != dropped, f"{saved['setting']}: step {step}, branch {index} dropped={dropped}"
+
+
 REFUSED = {
     "zero3-non-reentrant-checkpointing": ({"stage": 3, "checkpointing": "non-reentrant"}, "use_reentrant': True"),
     "offload-accumulation-mask-per-micro-batch": ({"stage": 3, "ga": 2, "offload": True}, "auto_step=False"),

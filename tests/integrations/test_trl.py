@@ -349,8 +349,11 @@ def recording(trainer_class):
 
 @pytest.mark.parametrize(("build", "trainer_class"), [(dpo_trainer, DPOTrainer), (grpo_trainer, GRPOTrainer),
                                                       (reward_trainer, RewardTrainer)], ids=["dpo", "grpo", "reward"])
-def test_sensitivity_is_measured_on_the_trainers_own_loss(tmp_path, build, trainer_class):
-    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_examples=None)
+@pytest.mark.parametrize("examples", [None, 1])
+def test_sensitivity_is_measured_on_the_trainers_own_loss(tmp_path, build, trainer_class, examples):
+    # sensitivity_examples=1 (the default) does not cut these batches: their rows need not be examples
+    # (RewardTrainer stacks chosen above rejected), so the whole recorded batch is measured either way.
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_examples=examples)
     # learning_rate 0: the measurement after step 1 sees the weights step 1's loss was computed with
     trainer = build(tmp_path, callbacks=[callback], trainer_class=recording(trainer_class), bf16=False,
                     learning_rate=0.0)
@@ -363,7 +366,31 @@ def test_sensitivity_is_measured_on_the_trainers_own_loss(tmp_path, build, train
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     assert all(s > 0 for s in callback.handle.sensitivities)
     assert len(set(callback.handle.drop_rates)) > 1
+    assert callback.handle.dropped_flops_fraction() == pytest.approx(0.5, abs=0.02)
     # What the measurement's compute_loss logged (TRL's rewards, accuracies, ...) was discarded: every log
     # averages exactly the one training step before it.
     assert trainer.metric_counts and all(set(counts.values()) <= {1} for counts in trainer.metric_counts)
 
+
+
+def test_a_train_that_raised_leaves_no_second_recorder(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAtFirstStep(TrainerCallback):
+        armed = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt  # before the measurement at step 2: on_train_end never runs
+
+    callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_batches=2)
+    trainer = reward_trainer(tmp_path, callbacks=[callback, StopAtFirstStep()], bf16=False, max_steps=4,
+                             learning_rate=0.0)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.train()
+    # One recorder: the two measured batches are steps 1 and 2 of the second run, not one batch recorded twice.
+    losses = callback.sensitivity_losses
+    assert len(losses) == 2 and losses[0] != losses[1]
+    assert "compute_loss" not in vars(trainer)

@@ -128,6 +128,17 @@ class _LossRecorder:
             del trainer.compute_loss
 
 
+def _one_row_per_example(trainer: Any) -> bool:
+    """Whether the trainer's ``compute_loss`` takes a batch whose rows are examples, so a cut keeps its meaning.
+
+    Only the Trainer's and SFTTrainer's are known to. Others lay their inputs out their own way (RewardTrainer
+    stacks the chosen rows above the rejected ones, so the first rows are not pairs); they get the whole batch.
+    """
+    method = type(trainer).compute_loss
+    return f"{method.__module__}.{method.__qualname__}" in _ROW_PER_EXAMPLE
+
+
+_ROW_PER_EXAMPLE = {"transformers.trainer.Trainer.compute_loss", "trl.trainer.sft_trainer.SFTTrainer.compute_loss"}
 _STACK_DEPTH = 20  # Trainer._inner_training_loop -> CallbackHandler.on_train_begin -> call_event -> us
 _METRICS = ("_metrics", "_stored_metrics")  # where TRL's trainers collect the metrics compute_loss logs
 
@@ -153,7 +164,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
       The loss measured is the one being trained: the Trainer's own ``compute_loss`` (DPO's,
       GRPO's, KTO's, a reward model's pairwise loss, ...) on the recorded inputs, in its
       ``compute_loss_context_manager``; what those calls log (TRL's metrics) is discarded.
-      Their losses are kept in :attr:`sensitivity_losses`.
+      Their losses are kept in :attr:`sensitivity_losses`. ``sensitivity_examples`` cuts the
+      batch only for the Trainer's and SFTTrainer's own ``compute_loss``, whose rows are
+      examples; any other ``compute_loss`` (TRL's preference and RL trainers, a subclass's) is
+      measured on the whole batch, since a cut could pair the wrong rows.
     - It adds ``dropbp/drop_rate`` (mean fraction of branches dropped) and
       ``dropbp/backward_flops_skipped`` (fraction of branch backward FLOPs skipped) to each
       log, ahead of the reporting integrations (TensorBoard, W&B, ...) and of
@@ -267,6 +281,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
                     "sensitivity_at measures sensitivity on the Trainer's compute_loss, and no transformers.Trainer "
                     "is running this callback; train with a Trainer (or a subclass) or pass sensitivity_at=None"
                 )
+            if self._recorder is not None:  # left by a train() that raised before on_train_end
+                self._recorder.remove()
             self._recorder = _LossRecorder(trainer, self._recent)
         handle.drop_statistics(reset=True)
 
@@ -287,7 +303,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
 
         def closure(inputs: Any, keywords: dict) -> torch.Tensor:
             keywords = {k: v for k, v in keywords.items() if k != "return_outputs"}
-            if cfg.sensitivity_examples is not None:
+            if cfg.sensitivity_examples is not None and _one_row_per_example(trainer):
                 # The loss's normaliser counted the whole batch (and accumulation window); the cut batch has its own.
                 inputs = _first_examples(inputs, cfg.sensitivity_examples)
                 keywords.pop("num_items_in_batch", None)
