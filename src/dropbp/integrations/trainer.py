@@ -6,7 +6,6 @@ import contextlib
 import copy
 import gc
 import sys
-import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -108,24 +107,21 @@ class _LossRecorder:
     """Keeps the inputs of the Trainer's training ``compute_loss`` calls (an instance attribute over its method)."""
 
     def __init__(self, trainer: Any, recent: deque):
-        self._trainer = weakref.ref(trainer)  # the trainer holds this callback: no cycle through us
+        self.trainer = trainer
         self.compute_loss = trainer.compute_loss
         self.recent = recent
         trainer.compute_loss = self
 
-    @property
-    def trainer(self) -> Any:
-        return self._trainer()
-
     def __call__(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         if model.training and torch.is_grad_enabled():
-            self.recent.append((inputs, {**dict(zip(("return_outputs", "num_items_in_batch"), args)), **kwargs}))
+            # A copy of the dict: compute_loss may pop from it (the Trainer pops "labels" under label smoothing).
+            kept = copy.copy(inputs) if isinstance(inputs, Mapping) else inputs
+            self.recent.append((kept, {**dict(zip(("return_outputs", "num_items_in_batch"), args)), **kwargs}))
         return self.compute_loss(model, inputs, *args, **kwargs)
 
     def remove(self) -> None:
-        trainer = self.trainer
-        if trainer is not None and vars(trainer).get("compute_loss") is self:
-            del trainer.compute_loss
+        if vars(self.trainer).get("compute_loss") is self:
+            del self.trainer.compute_loss
 
 
 def _one_row_per_example(trainer: Any) -> bool:
