@@ -194,6 +194,7 @@ def run_trainer(args, rank: int) -> None:
         gradient_accumulation_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         seed=0, dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=True,
+        gradient_checkpointing=args.checkpointing,
         deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                    "gradient_clipping": "auto", "zero_optimization": {"stage": args.stage},
                    "zero_allow_untested_optimizer": True},
@@ -219,6 +220,7 @@ def main() -> None:
     parser.add_argument("--settings", default="[]")
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--sensitivity-at", type=float, default=None)
+    parser.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing (non-reentrant)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

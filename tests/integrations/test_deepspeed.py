@@ -159,10 +159,14 @@ def test_trainer_with_a_deepspeed_dict_matches_single_process(tmp_path, stage, s
         torch.testing.assert_close(saved["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_trainer_refuses_sensitivity_under_zero3_at_train_begin(tmp_path):
-    result = torchrun("trainer", tmp_path, WORKER, "--stage", "3", "--sensitivity-at", "0.25")
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--sensitivity-at", "0.25"], "ZeRO-3 partitions the parameters"),
+    (["--checkpointing"], "use_reentrant': True"),
+], ids=["sensitivity", "non-reentrant-checkpointing"])
+def test_trainer_refuses_what_zero3_cannot_make_exact_at_train_begin(tmp_path, extra, expected):
+    result = torchrun("trainer", tmp_path, WORKER, "--stage", "3", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         message = (tmp_path / f"trainer-error-{rank}.txt").read_text()
-        assert "ZeRO-3 partitions the parameters" in message and "\n" not in message
+        assert expected in message and "\n" not in message
     assert not (tmp_path / "trainer.pt").exists()
