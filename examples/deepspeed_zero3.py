@@ -34,8 +34,8 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=confi
 examples = load_examples(bundled_data_path("train"))[rank::world][:40]
 engine.train()
 for micro in range(10):
-    batch = collate([tokenize_example(tokenizer, e["prompt"], e["response"], 96) for e in examples[micro * 4 : micro * 4 + 4]],
-                    tokenizer.pad_token_id)
+    rows = examples[micro * 4 : micro * 4 + 4]
+    batch = collate([tokenize_example(tokenizer, e["prompt"], e["response"], 96) for e in rows], tokenizer.pad_token_id)
     loss = engine(**batch).loss
     engine.backward(loss)
     engine.step()  # DeepSpeed steps the optimizer every gradient_accumulation_steps micro-batches

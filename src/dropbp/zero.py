@@ -45,8 +45,8 @@ from dropbp.checkpointing import _uses_reentrant
 from dropbp.errors import DropBPError
 
 __all__ = [
-    "SENSITIVITY_THROUGH_ENGINE_REFUSED", "ZERO3_NON_REENTRANT_REFUSED", "ZERO3_SENSITIVITY_REFUSED", "active_engine", "guard_engine", "is_zero3_model",
-    "refuse_zero3", "release_guards",
+    "SENSITIVITY_THROUGH_ENGINE_REFUSED", "ZERO3_NON_REENTRANT_REFUSED", "ZERO3_SENSITIVITY_REFUSED", "active_engine",
+    "guard_engine", "is_zero3_model", "refuse_zero3", "release_guards",
 ]
 
 _STACK_DEPTH = 40  # DeepSpeedEngine.forward is a few frames above the model's forward hooks

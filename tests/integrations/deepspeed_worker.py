@@ -2,13 +2,15 @@
 
 Modes:
     engine     for each setting in ``--settings`` (JSON list), DropBP under ``deepspeed.initialize``
-               for a few optimizer steps; rank 0 saves the gathered weights and the losses.
+               for a few optimizer steps; rank 0 saves the gathered weights.
+    untouched  bf16 settings, one mask per optimizer step: per step and branch, whether it was dropped and
+               whether its parameters moved.
     refusals   the settings DropBP refuses; each rank saves the error messages it got.
     sensitivity
                sensitivity under ZeRO-2 on each rank's own batch (averaged over ranks).
-    trainer    the HF Trainer with a ``deepspeed`` dict (``--stage``, ``--sensitivity-at``): DropBPCallback,
-               SGD, no clipping; rank 0 saves the weights and rates, every rank the batches it trained on
-               (or the DropBPError it got).
+    trainer    the HF Trainer with a ``deepspeed`` dict (``--stage``, ``--sensitivity-at``, ``--checkpointing``):
+               DropBPCallback, SGD, no clipping; rank 0 saves the weights and rates, every rank the batches it
+               trained on (or the DropBPError it got).
 
 Every engine uses ``gradient_clipping`` 0 (DeepSpeed's own default clips at 1.0), so the
 single-process reference in the test can be exact.
@@ -76,34 +78,32 @@ def build(setting: dict):
     apply = dict(drop_rate=0.5, seed=SEED, auto_step=setting.get("auto_step", True))
     handle = dropbp.apply(model, **apply) if setting.get("order", "before") == "before" else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    config = engine_config(setting["stage"], setting.get("ga", 1), setting.get("offload", False), setting.get("bf16", False))
+    config = engine_config(setting["stage"], setting.get("ga", 1), setting.get("offload", False),
+                           setting.get("bf16", False))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if handle is None:
         handle = dropbp.apply(engine.module, **apply)
     return model, handle, engine
 
 
-def train(setting: dict, rank: int) -> list[float]:
+def train(setting: dict, rank: int) -> tuple[dict[str, torch.Tensor], dropbp.DropBPHandle, object]:
+    """STEPS optimizer steps on this rank's share of the global batches; the gathered weights, handle and engine."""
     model, handle, engine = build(setting)
-    ga = setting.get("ga", 1)
-    losses = []
     for step in range(STEPS):
         if not handle.auto_step:
             handle.step()
-        for micro in range(ga):
+        for micro in range(setting.get("ga", 1)):
             local = global_batch(step, micro)[rank * PER_RANK : (rank + 1) * PER_RANK]
-            loss = engine(local, labels=local).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-    return gathered_state(engine, setting["stage"]), losses, handle, engine
+            engine.backward(engine(local, labels=local).loss)
+            engine.step()  # DeepSpeed steps the optimizer at the end of each accumulation window
+    return gathered_state(engine, setting["stage"]), handle, engine
 
 
 def run_engine(args, rank: int) -> None:
     results = []
     for setting in json.loads(args.settings):
-        state, losses, handle, engine = train(setting, rank)
-        results.append({"setting": setting, "state": state, "losses": losses, "masks": handle.step_count})
+        state, handle, engine = train(setting, rank)
+        results.append({"setting": setting, "state": state, "masks": handle.step_count})
         handle.remove()
         assert "step" not in vars(engine.optimizer), "remove() must restore the ZeRO optimizer's own step"
     if rank == 0:
@@ -227,8 +227,9 @@ def main() -> None:
 
     deepspeed.init_distributed("gloo")
     rank = dist.get_rank()
-    {"engine": run_engine, "untouched": run_untouched, "refusals": run_refusals, "sensitivity": run_sensitivity, "trainer": run_trainer}[
-        args.mode](args, rank)
+    modes = {"engine": run_engine, "untouched": run_untouched, "refusals": run_refusals,
+             "sensitivity": run_sensitivity, "trainer": run_trainer}
+    modes[args.mode](args, rank)
     dist.barrier()
 
 
