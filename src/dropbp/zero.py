@@ -12,7 +12,7 @@ ZeRO-1/2 give it (with SGD, no update; optimizers with momentum or weight decay 
 it, as they would in plain PyTorch with a zero gradient).
 
 What stays refused, with a one-line :class:`~dropbp.DropBPError` at the first training
-forward under the engine (or at train begin in the Trainer callback):
+forward under the engine (the Trainer callback refuses the ZeRO-3 cases at train begin):
 
 - Optimizer offload with gradient accumulation and a new mask per micro-batch: DeepSpeed
   copies a partition to the offloaded fp32 gradients only for parameters that get a gradient
