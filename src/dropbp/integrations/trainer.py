@@ -295,9 +295,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
         cfg = self.config
         recorder = self._recorder
         trainer = recorder.trainer
-        losses = []
+        losses: dict[int, float] = {}  # per batch: the loss of its first forward (the measurement may rerun one)
 
-        def closure(inputs: Any, keywords: dict) -> torch.Tensor:
+        def closure(index: int, inputs: Any, keywords: dict) -> torch.Tensor:
             keywords = {k: v for k, v in keywords.items() if k != "return_outputs"}
             if cfg.sensitivity_examples is not None and _one_row_per_example(trainer):
                 # The loss's normaliser counted the whole batch (and accumulation window); the cut batch has its own.
@@ -305,15 +305,17 @@ class DropBPCallback(TrainerCallback, ExportableState):
                 keywords.pop("num_items_in_batch", None)
             with trainer.compute_loss_context_manager():
                 loss = _scalar_loss(recorder.compute_loss(model, inputs, **keywords))
-            losses.append(loss.item())
+            losses.setdefault(index, loss.item())
             return loss
 
-        closures = [lambda i=inputs, k=keywords: closure(i, k) for inputs, keywords in self._recent]
+        closures = [
+            lambda n=n, i=inputs, k=keywords: closure(n, i, k) for n, (inputs, keywords) in enumerate(self._recent)
+        ]
         recorder.remove()  # its own calls are not training batches
         self._recorder = None
         with _trainer_state_kept(trainer):
             self.handle.calibrate(closures, cfg.drop_rate, cfg.max_rate, cfg.allocation, cfg.sensitivity_metric)
-        self.sensitivity_losses = losses
+        self.sensitivity_losses = [losses[n] for n in sorted(losses)]
         self._measured = True
         self._recent.clear()
 
