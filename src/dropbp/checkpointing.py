@@ -350,12 +350,13 @@ def _uses_reentrant(function: Any) -> bool:
     return (getattr(function, "keywords", None) or {}).get("use_reentrant", True) is not False
 
 
-def reentrant_checkpointing(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` with Hugging Face gradient checkpointing on and reentrant."""
+def reentrant_checkpointing(model: nn.Module, reentrant: bool = True) -> list[nn.Module]:
+    """The modules of ``model`` with Hugging Face gradient checkpointing on, reentrant (or, with
+    ``reentrant=False``, non-reentrant)."""
     return [
         m for m in model.modules()
         if getattr(m, "gradient_checkpointing", False) is True
-        and _uses_reentrant(getattr(m, "_gradient_checkpointing_func", torch.utils.checkpoint.checkpoint))
+        and _uses_reentrant(getattr(m, "_gradient_checkpointing_func", torch.utils.checkpoint.checkpoint)) == reentrant
     ]
 
 

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropbp.checkpointing import _uses_reentrant
+from dropbp.callstack import calling_instance
+from dropbp.checkpointing import reentrant_checkpointing
 from dropbp.errors import DropBPError
 
 __all__ = [
@@ -75,18 +76,7 @@ def active_engine() -> Any | None:
     engine_module = sys.modules.get("deepspeed.runtime.engine")  # not imported: no engine can exist
     if engine_module is None:
         return None
-    engine_type = engine_module.DeepSpeedEngine
-    frame = sys._getframe(1)
-    for _ in range(_STACK_DEPTH):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if code.co_name == "forward" and code.co_argcount and code.co_varnames[0] == "self":
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, engine_type):
-                return candidate
-        frame = frame.f_back
-    return None
+    return calling_instance(engine_module.DeepSpeedEngine, _STACK_DEPTH, function="forward")
 
 
 ZERO3_NON_REENTRANT_REFUSED = (
@@ -104,18 +94,10 @@ def refuse_zero3(model: nn.Module, sensitivity: bool) -> None:
     """
     if not is_zero3_model(model):
         return
-    if _non_reentrant_checkpointing(model):
+    if reentrant_checkpointing(model, reentrant=False):
         raise DropBPError(ZERO3_NON_REENTRANT_REFUSED)
     if sensitivity:
         raise DropBPError(ZERO3_SENSITIVITY_REFUSED)
-
-
-def _non_reentrant_checkpointing(model: nn.Module) -> bool:
-    return any(
-        getattr(m, "gradient_checkpointing", False) is True
-        and not _uses_reentrant(getattr(m, "_gradient_checkpointing_func", torch.utils.checkpoint.checkpoint))
-        for m in model.modules()
-    )
 
 
 def _stale_gradient_buffers(optimizer: Any, stage: int, offload: bool) -> Callable[[], list[torch.Tensor]]:
@@ -191,7 +173,7 @@ def guard_engine(engine: Any, model: nn.Module, auto_step: bool) -> _ZeroingStep
     offload_config = engine.zero_offload_optimizer() if stage else None
     device = str(getattr(getattr(offload_config, "device", None), "value", getattr(offload_config, "device", "")))
     offload = device in ("cpu", "nvme")
-    if stage == 3 and _non_reentrant_checkpointing(model):
+    if stage == 3 and reentrant_checkpointing(model, reentrant=False):
         raise DropBPError(ZERO3_NON_REENTRANT_REFUSED)
     if device == "nvme":
         raise DropBPError(

@@ -262,17 +262,13 @@ def test_sensitivity_outside_a_trainer_is_refused_at_train_begin(tmp_path):
 def test_sensitivity_with_label_smoothing_measures_the_smoothed_training_loss(tmp_path):
     # The Trainer's compute_loss pops "labels" from its inputs under label smoothing: the measurement must still
     # see them, and computes the same (smoothed) loss as training on that batch (learning rate 0: same weights).
-    losses = []
-
-    class Recording(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            losses.append(loss.item())
-            return loss
+    from test_trl import recording
 
     callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_examples=None)
     args = training_args(tmp_path, max_steps=2, gradient_accumulation_steps=1, label_smoothing_factor=0.1,
                          learning_rate=0.0)
-    Recording(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[callback]).train()
+    trainer = recording(Trainer)(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer.train()
+    losses = trainer.losses_seen
     assert len(losses) == 3  # step 1, the measurement on step 1's batch, step 2
     assert callback.sensitivity_losses == [pytest.approx(losses[0], rel=1e-6)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import sys
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from dropbp.callstack import calling_instance
 from dropbp.checkpointing import reentrant_checkpointing, unswitchable_checkpointing
 from dropbp.config import DropBPConfig
 from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
@@ -67,21 +67,6 @@ def _first_batched_tensor(inputs: Any) -> torch.Tensor | None:
         found = _first_batched_tensor(value)
         if found is not None:
             return found
-    return None
-
-
-def _calling_trainer() -> Any | None:
-    """The ``transformers.Trainer`` whose training loop is calling this callback (found on the call stack)."""
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    for _ in range(_STACK_DEPTH):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
     return None
 
 
@@ -271,7 +256,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
                     f"support, and {problem}; use gradient_checkpointing_kwargs={{'use_reentrant': False}} or "
                     "sensitivity_at=None"
                 )
-            trainer = _calling_trainer()
+            from transformers import Trainer  # imported on use: it loads the whole training stack
+
+            trainer = calling_instance(Trainer, _STACK_DEPTH)
             if trainer is None:
                 raise DropBPError(
                     "sensitivity_at measures sensitivity on the Trainer's compute_loss, and no transformers.Trainer "
