@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropbp.validation import check_mask, check_nonnegative, check_rate, check_rates
+from dropbp.validation import check_int, check_mask, check_nonnegative, check_rate, check_rates
 
 
 # ------------------------------------------------------------ check_rate
@@ -31,6 +31,38 @@ def test_check_rate_names_the_argument_and_value():
         check_rate(1.5, name="my_rate")
     with pytest.raises(ValueError, match=r"^x must be a number .* got 'abc'$"):
         check_rate("abc", name="x")
+
+
+# ------------------------------------------------------------ check_int
+@pytest.mark.parametrize("value", [0, 7, -3, 2**70, np.int64(5), np.int32(-2), np.uint8(3), torch.tensor(4)])
+def test_check_int_accepts_integers_as_plain_ints(value):
+    out = check_int(value, "seed")
+    assert type(out) is int and out == int(value)
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [(1.5, r"1\.5"), (2.0, r"2\.0"), (np.float64(3.0), r"np\.float64\(3\.0\)"), ("1", "'1'"), (None, "None"),
+     (float("nan"), "nan"), (torch.tensor(2.0), r"tensor\(2\.\)"), ([1], r"\[1\]")],
+)
+def test_check_int_refuses_non_integers(value, shown):
+    with pytest.raises(ValueError, match=rf"^seed must be an integer, got {shown}$"):
+        check_int(value, "seed")
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), torch.tensor(True)])
+def test_check_int_refuses_bools(value):
+    with pytest.raises(ValueError, match=r"^n must be an integer >= 0 \(not a bool\), got "):
+        check_int(value, "n", minimum=0)
+
+
+def test_check_int_minimum():
+    assert check_int(1, "sensitivity_batches", minimum=1) == 1
+    with pytest.raises(ValueError, match=r"^sensitivity_batches must be an integer >= 1, got 0$"):
+        check_int(0, "sensitivity_batches", minimum=1)
+    with pytest.raises(ValueError, match=r"^sensitivity_batches must be an integer >= 1, got 2\.5$"):
+        check_int(2.5, "sensitivity_batches", minimum=1)
+    assert check_int(-(2**70), "seed") == -(2**70)
 
 
 # ------------------------------------------------------------ check_rates
@@ -133,6 +165,9 @@ def test_messages_are_one_line():
         lambda: check_nonnegative(["x"], "flops"),
         lambda: check_mask([0.5], 1),
         lambda: check_mask([True], 2),
+        lambda: check_int(1.5, "seed"),
+        lambda: check_int(True, "seed"),
+        lambda: check_int(0, "n", minimum=1),
     ]
     for case in cases:
         with pytest.raises(ValueError) as info:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any, Literal
 
-from dropbp.validation import check_rate
+from dropbp.validation import check_int, check_rate
 
 __all__ = ["DropBPConfig"]
 
@@ -76,6 +77,18 @@ class DropBPConfig:
 
     def __post_init__(self) -> None:
         check_rate(self.drop_rate, "drop_rate")
+        # Integers only (no bools, no floats, not even 2.0), as plain ints: a fractional value
+        # would otherwise be truncated somewhere or fail mid-training.
+        self.seed = check_int(self.seed, "seed")
+        self.sensitivity_batches = check_int(self.sensitivity_batches, "sensitivity_batches", minimum=1)
+        if self.sensitivity_examples is not None:
+            try:
+                self.sensitivity_examples = check_int(self.sensitivity_examples, "sensitivity_examples", minimum=1)
+            except ValueError:
+                raise ValueError(
+                    f"sensitivity_examples must be an integer >= 1 or None (the whole batch), "
+                    f"got {self.sensitivity_examples!r}"
+                ) from None
         if math.isnan(self.max_rate) or not 0.0 < self.max_rate < 1.0:
             raise ValueError(f"max_rate must be in (0, 1), got {self.max_rate!r}")
         if self.drop_rate > self.max_rate:
@@ -84,10 +97,6 @@ class DropBPConfig:
             )
         if self.sensitivity_at is not None and not 0.0 <= self.sensitivity_at < 1.0:
             raise ValueError(f"sensitivity_at must be in [0, 1) or None, got {self.sensitivity_at!r}")
-        if self.sensitivity_examples is not None and self.sensitivity_examples < 1:
-            raise ValueError(f"sensitivity_examples must be >= 1 or None, got {self.sensitivity_examples!r}")
-        if self.sensitivity_batches < 1:
-            raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches!r}")
         if self.allocation not in ("exact", "greedy"):
             raise ValueError(f"allocation must be 'exact' or 'greedy', got {self.allocation!r}")
         if self.sensitivity_metric not in ("grad_diff", "grad_norm_diff"):
@@ -98,11 +107,27 @@ class DropBPConfig:
             self.branches = [self.branches]
 
     def sensitivity_step(self, max_steps: int) -> int | None:
-        """The optimizer step after which sensitivity is measured (None: never)."""
+        """The optimizer step after which sensitivity is measured (None: never).
+
+        ``ceil(sensitivity_at * max_steps)``, at least 1, computed on the decimal value written
+        (``0.07`` is 7/100, not the binary float just above it), so 0.07 of 100 steps is step 7.
+        """
         if self.sensitivity_at is None:
             return None
-        return max(1, math.ceil(self.sensitivity_at * max_steps))
+        return max(1, math.ceil(_exact(self.sensitivity_at) * _exact(max_steps)))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-serialisable dict."""
         return asdict(self)
+
+
+def _exact(value: Any) -> Fraction:
+    """The rational a number was written as: its shortest decimal form (``str``) for floats.
+
+    ``str`` of a float (or numpy float) is the shortest decimal that reads back as the same float,
+    that is what the user wrote; ints, Fractions and Decimals are exact already.
+    """
+    try:
+        return Fraction(str(value))
+    except ValueError:  # e.g. a 0-d tensor, whose str is not a number
+        return Fraction(float(value))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 
@@ -14,6 +15,28 @@ def _as_list(values: object, name: str) -> list:
         return list(values)  # type: ignore[call-overload]
     except TypeError:
         raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from None
+
+
+def check_int(value: object, name: str, minimum: int | None = None) -> int:
+    """Return ``value`` as a plain int if it is an integer (and at least ``minimum``, when given).
+
+    Python and numpy integers (anything ``operator.index`` accepts) pass; bools and floats are
+    refused, even integral ones such as ``2.0``, so a fractional count or seed fails here rather
+    than being truncated or failing later in training.
+
+    Raises:
+        ValueError: If ``value`` is a bool, not an integer, or below ``minimum``.
+    """
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise ValueError(f"{name} must be {expected} (not a bool), got {value!r}")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(number)
 
 
 def check_rate(rate: float, name: str = "drop_rate") -> float:

@@ -57,7 +57,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(model_dir, tmp_path, capsys):
     ("--warmup-ratio", "1.5", "warmup-ratio must be in [0, 1)"),
     ("--eval-every", "-1", "eval-every must be >= 0"),
     ("--save-every", "-2", "save-every must be >= 0"),
-    ("--sensitivity-examples", "0", "sensitivity_examples must be >= 1"),
+    ("--sensitivity-examples", "0", "sensitivity_examples must be an integer >= 1"),
 ])
 def test_bad_values_are_one_line_errors(model_dir, tmp_path, capsys, flag, value, message):
     assert main(["finetune", "--model", str(model_dir), "--output-dir", str(tmp_path / "x"), flag, value]) == 2
