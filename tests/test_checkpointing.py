@@ -97,8 +97,24 @@ def no_grad_training_mode_between(model, a, b):
     loss.backward()
 
 
+def through_the_decoder(model, a, b):
+    """Training through a sub-module, as distillation trainers and fused cross-entropy losses do."""
+    model.model(input_ids=a).last_hidden_state.pow(2).mean().backward()
+    model.model(input_ids=b).last_hidden_state.pow(2).mean().backward()
+
+
+def trainable_attention_only(model, a, b):
+    """Trainable parameters in a subset of the branches (PEFT's default LoRA targets attention only)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("self_attn" in name)
+    model.enable_input_require_grads()  # what PEFT does for gradient checkpointing
+    for _ in range(4):
+        loss_of(model, a).backward()
+
+
 PATTERNS = [one, two_forwards_one_backward, two_backwards_in_order, two_backwards_reversed, accumulation,
-            eval_between, generate_between, no_grad_training_mode_between]
+            eval_between, generate_between, no_grad_training_mode_between, through_the_decoder,
+            trainable_attention_only]
 
 
 def run(pattern, checkpointing: str, auto_step: bool):

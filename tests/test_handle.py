@@ -276,6 +276,8 @@ def test_plain_module_with_branch_patterns():
         (lambda m: dropbp.apply(m, branches=["*.layers.*.mlp", "*.layers.*.mlp.up_proj"]), "nested inside"),
         (lambda m: dropbp.apply(m, branches=["*.layers.*"]), "whole decoder layer"),
         (lambda m: dropbp.apply(m, branches=[]), "empty"),
+        (lambda m: dropbp.apply(m, seed=1.5), "seed must be an integer, got 1.5"),
+        (lambda m: dropbp.apply(m, seed=True), "seed must be an integer"),
     ],
 )
 def test_bad_apply_arguments(llama, call, message):
@@ -350,10 +352,12 @@ def test_an_error_inside_a_span_restores_grad_mode_and_dispatch_modes():
     [
         (lambda s: s.pop("seed"), "lacks seed"),
         (lambda s: s.update(version=99), "version 99"),
-        (lambda s: s.update(step=-1), "negative step"),
+        (lambda s: s.update(step=-1), "step must be an integer >= 0"),
+        (lambda s: s.update(step=2.5), "step must be an integer >= 0, got 2.5"),
         (lambda s: s.update(drop_rates=[0.5]), "expected 6 drop rates"),
         (lambda s: s.update(sensitivities=[1.0]), "1 sensitivities for 6 branches"),
-        (lambda s: s.update(seed="x"), "non-integer step or seed"),
+        (lambda s: s.update(seed="x"), "seed must be an integer"),
+        (lambda s: s.update(seed=1.5), "seed must be an integer, got 1.5"),
         (lambda s: s.update(branches=["a"]), "differ from this model"),
     ],
 )

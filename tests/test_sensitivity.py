@@ -72,7 +72,7 @@ def test_naive_replays_dropout(batch):
 def test_bad_sensitivity_calls(llama, batch):
     handle = dropbp.apply(llama)
     llama.eval()
-    with torch.no_grad(), pytest.raises(ValueError, match="scalar loss that requires grad"):
+    with torch.no_grad(), pytest.raises(ValueError, match="ran no training forward"):
         handle.sensitivity(lambda: llama(batch, labels=batch).loss)
     llama.train()
     with pytest.raises(ValueError, match="method"):
@@ -169,8 +169,9 @@ class Stack(torch.nn.Module):
     (a path that skips the block inputs); ``shared``: a trainable parameter outside the blocks that
     every block uses; ``scale_between``: a trainable scale between the blocks."""
 
-    def __init__(self, layers=4, value_residual=False, shared=False, scale_between=False):
+    def __init__(self, layers=4, value_residual=False, shared=False, scale_between=False, side=1.0):
         super().__init__()
+        self.side = side  # the weight of the value-residual path
         torch.manual_seed(0)
         self.embed = torch.nn.Linear(8, 8)
         self.layers = torch.nn.ModuleList(Block() for _ in range(layers))
@@ -183,7 +184,7 @@ class Stack(torch.nn.Module):
         h = self.embed(x)
         first = None
         for layer in self.layers:
-            h = layer(h, first if self.value_residual else None, self.shared)
+            h = layer(h, first * self.side if self.value_residual and first is not None else None, self.shared)
             first = h if first is None else first
             if self.scale is not None:
                 h = h * self.scale
@@ -290,3 +291,164 @@ def test_an_moe_router_auxiliary_loss_is_refused_by_the_fast_measurement(batch):
     handle.remove()
     model.config.output_router_logits = False  # the language-model loss alone: measured exactly
     assert dropbp.check(model).ok
+
+
+def test_a_small_path_around_the_blocks_is_not_let_through_by_the_sum_check(monkeypatch):
+    """A value residual carrying 3e-4 of the stream: the batched rows missed it by 1.4e-4 (relative), which a
+    1e-3 tolerance let through. The check now holds the rows to float32 rounding and falls back."""
+    returned = _spy_on_batched(monkeypatch)
+    model = Stack(value_residual=True, side=3e-4)
+    handle = dropbp.apply(model, branches=["layers.*.mix", "layers.*.mlp"])
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    naive = handle.sensitivity(lambda: model(x), method="naive")
+    fast = handle.sensitivity(lambda: model(x))
+    assert returned == [None]
+    assert fast == pytest.approx(naive, rel=2e-6)
+
+
+def test_half_precision_is_measured_one_by_one(monkeypatch):
+    """bfloat16 rounding exceeds what the sum check must catch: no batched path, and still the definition."""
+    returned = _spy_on_batched(monkeypatch)
+    model = Stack().to(torch.bfloat16)
+    handle = dropbp.apply(model, branches=["layers.*.mix", "layers.*.mlp"])
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    fast = handle.sensitivity(lambda: model(x).float())
+    assert returned == [None]
+    assert all(v > 0 for v in fast)
+
+
+def _two_batches():
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 64, (2, 10), generator=generator) for _ in range(2)]
+
+
+def test_every_training_forward_of_the_closure_is_measured(batch):
+    """R-Drop, consistency losses, separate chosen/rejected forwards: the loss sums two forwards. Only the
+    first used to be measured ([0.379, 0.0145, ...] where the definition gives [1.038, 0.0361, ...])."""
+    model = tiny_llama(layers=2)
+    model.train()
+    handle = dropbp.apply(model)
+    a, b = _two_batches()
+    closure = lambda: model(a, labels=a).loss + model(b, labels=b).loss  # noqa: E731
+    naive = handle.sensitivity(closure, method="naive")
+    fast = handle.sensitivity(closure)
+    first_only = handle.sensitivity(lambda: model(a, labels=a).loss)
+    assert fast == pytest.approx(naive, rel=1e-4)
+    assert fast != pytest.approx(first_only, rel=1e-2)
+
+
+def test_a_forward_that_feeds_the_next_one_is_measured_exactly():
+    """The second forward reads the first one's output: one partial backward per branch would count the path
+    through both calls twice, so such a branch is measured with it dropped."""
+    model = tiny_llama(layers=2)
+    model.train()
+    handle = dropbp.apply(model)
+    a, _ = _two_batches()
+
+    def closure():
+        hidden = model.model(input_ids=a).last_hidden_state
+        return model(inputs_embeds=hidden, labels=a).loss
+
+    naive = handle.sensitivity(closure, method="naive")
+    fast = handle.sensitivity(closure)
+    assert fast == pytest.approx(naive, rel=1e-4)
+    assert all(v > 0 for v in naive)
+
+
+class DictBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return {"hidden": self.linear(torch.tanh(x)), "gate": torch.sigmoid(self.linear.weight.sum())}
+
+
+class DictStack(torch.nn.Module):
+    """Branches that return a dict (the residual contribution and a second tensor the loss also uses)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"branch": DictBranch()}) for _ in range(3))
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        gates = 0.0
+        for layer in self.layers:
+            out = layer["branch"](x)
+            x = x + out["hidden"]
+            gates = gates + out["gate"]
+        return self.head(x).pow(2).mean() + gates
+
+
+def test_a_branch_that_returns_a_dict_is_measured():
+    """It used to measure 0 (the naive definition gives 12.09 on the issue's model), then got the maximum rate."""
+    model = DictStack()
+    handle = dropbp.apply(model, branches=["layers.*.branch"])
+    x = torch.randn(4, 8)
+    naive = handle.sensitivity(lambda: model(x), method="naive")
+    fast = handle.sensitivity(lambda: model(x))
+    assert all(v > 0 for v in naive)
+    assert fast == pytest.approx(naive, rel=1e-5)
+
+
+def test_attention_weights_returned_beside_the_output_are_not_counted_twice():
+    """MPT's attention returns its weights, which its output is computed from: measured at the returned
+    tensors themselves, the path through the weights would count twice."""
+    from dropbp.tiny import example_batch, tiny_causal_lm
+
+    model = tiny_causal_lm("mpt")
+    model.train()
+    batch = example_batch(model)
+    handle = dropbp.apply(model)
+    naive = handle.sensitivity(lambda: model(**batch).loss, method="naive")
+    fast = handle.sensitivity(lambda: model(**batch).loss)
+    assert fast == pytest.approx(naive, rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["model", "decoder layers"])
+def test_eval_mode_is_refused_not_measured_as_zeros(where, batch):
+    """All zeros would be allocated as uniform rates without a word."""
+    from dropbp.errors import DropBPError
+
+    model = tiny_llama(layers=2)
+    model.train()
+    handle = dropbp.apply(model)
+    if where == "model":
+        model.eval()
+        expected, message = ValueError, "ran no training forward of the model"
+    else:
+        model.model.layers.eval()
+        expected, message = DropBPError, "is in eval mode inside a training forward"
+    for method in ("fast", "naive"):
+        with pytest.raises(expected, match=message) as info:
+            handle.sensitivity(lambda: model(batch, labels=batch).loss, method=method)
+        assert "\n" not in str(info.value)
+
+
+class SkipsALayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"mlp": torch.nn.Linear(8, 8)}) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers[:2]:  # the last layer is never called
+            x = x + layer["mlp"](x)
+        return x.pow(2).mean()
+
+
+def test_a_branch_the_forward_never_calls_is_named():
+    model = SkipsALayer()
+    handle = dropbp.apply(model, branches=["layers.*.mlp"], drop_rate=0.5)
+    x = torch.randn(4, 8)
+    for _ in range(8):
+        model(x).backward()
+    with pytest.raises(ValueError, match="branch 'layers.2.mlp' never ran in the training forwards") as info:
+        handle.calibrate([lambda: model(x)], target=0.5)
+    assert "\n" not in str(info.value)
+    statistics = handle.drop_statistics()
+    expected = sum(sum(dropbp.sample_mask(0, step, [0.5] * 3)[:2]) for step in range(8)) / 16
+    assert statistics["drop_rate"] == pytest.approx(expected)
+    assert statistics["backward_flops_skipped"] == pytest.approx(expected)

@@ -59,6 +59,9 @@ class ForwardContext:
         kept: Branch index -> :class:`Replay` kept for the recompute.
         capture: Branch index -> outputs, while the sensitivity measurement records them.
         in_backward: Whether a backward through this forward's outputs is running now.
+        cut: Whether a dropped branch of this forward would have carried gradient (it has
+            trainable parameters, or its input requires grad): the forward's outputs may
+            then have lost their graph, which the entry's post-hook restores.
     """
 
     mask: tuple[bool, ...]
@@ -67,6 +70,7 @@ class ForwardContext:
     kept: dict[int, Replay] = field(default_factory=dict)
     capture: dict[int, list[torch.Tensor]] | None = None
     in_backward: bool = False  # a backward through this forward's outputs is running now
+    cut: bool = False
 
     def __post_init__(self) -> None:
         with _ids_lock:

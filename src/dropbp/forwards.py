@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dropbp import hooks
 from dropbp.checkpointing import (
@@ -81,11 +83,11 @@ class Forwards:
             [b.module if b.end_module is b.module else None for b in handle.branches], self.replay_context
         )
         self._standing: ForwardContext | None = None
-        self._capture_next = False
-        self._captured: ForwardContext | None = None
-        self._checked_ddp: set[int] = set()
-        self._checked_engines: set[int] = set()
-        self._anchor: torch.Tensor | None = None
+        self._captured: list[ForwardContext] | None = None  # while capturing: every training forward
+        self.trained_forwards = 0  # training forwards started so far (contexts created)
+        # Keyed by the objects themselves: a new wrapper or engine can reuse a freed one's id().
+        self._checked_ddp: weakref.WeakSet = weakref.WeakSet()
+        self._checked_engines: weakref.WeakSet = weakref.WeakSet()
         self._running: dict[int, ForwardContext] = {}  # id -> a forward whose backward is running
 
     def new_context(self) -> ForwardContext:
@@ -101,20 +103,37 @@ class Forwards:
         else:
             mask = tuple(self.handle._mask)
         context = ForwardContext(mask)
-        if self._capture_next:
-            self._capture_next = False
+        self.trained_forwards += 1
+        if self._captured is not None:
             context.capture = {}
-            self._captured = context
+            self._captured.append(context)
         return context
 
-    def current_context(self) -> ForwardContext | None:
-        """The training forward a first-pass call belongs to, or None if nothing trains."""
+    def current_context(self, index: int | None = None) -> ForwardContext | None:
+        """The training forward a first-pass call belongs to, or None if nothing trains.
+
+        Args:
+            index: The branch asking, or None for a module beside the branches.
+
+        Raises:
+            DropBPError: If branch ``index`` runs with grad outside every entry module's
+                forward while each forward is meant to draw its own mask (``auto_step``).
+        """
         active = self.thread.active
         if active:
             return active[-1]
         if not torch.is_grad_enabled():
             return None
-        # A branch called without the root's hooks (a layer called directly): the standing mask.
+        # A layer or branch called directly, outside every entry module: it can only use the mask in
+        # force, which is right where the caller steps the masks (auto_step=False) or forces one.
+        if self.handle.auto_step and not self.handle._overrides:
+            if index is None:
+                return None
+            raise DropBPError(
+                f"branch {self.handle.branches[index].name!r} ran in a training forward that entered neither the "
+                "model DropBP was applied to nor a module holding all its branches, so no mask was drawn for it; "
+                "call the model (or its decoder), or apply with auto_step=False and call handle.step() each step"
+            )
         mask = self.handle._overrides[-1] if self.handle._overrides else tuple(self.handle._mask)
         if self._standing is None or self._standing.mask != mask:
             self._standing = ForwardContext(mask)
@@ -193,9 +212,11 @@ class Forwards:
         frame.counting = self.handle._meter.start(index, args, kwargs)
         self.handle.branches[index].flops = self.handle._meter.flops[index]
         x = hooks.first_input(args, kwargs)
+        if frame.dropped and not context.cut:
+            branch = self.handle.branches[index]
+            context.cut = (x is not None and x.requires_grad) or any(p.requires_grad for p in branch.parameters())
         if x is None:
             return
-        frame.input_requires_grad = x.requires_grad
         if calls == 1 and context.mask[index] and self.handle.replay and self._will_recompute(index, context):
             rng = rng_state(x.device)
             if rng is not None:
@@ -213,15 +234,17 @@ class Forwards:
             rng, device = frame.keep_rng
             self.replays.keep(context, index, make_replay(output, rng, device))
         if context.capture is not None and not frame.dropped and not frame.recompute:
-            out = hooks.first_tensor(output)
-            if out is not None:
-                context.capture.setdefault(index, []).append(out)
-                # The model gets a copy: a layer that adds into the branch's output in place (Falcon's
-                # `mlp_output += attention_output`) would otherwise make the captured tensor the sum, and
-                # its partial backward would run through the other branch too.
-                return hooks.replace_first_tensor(output, out.clone())
-        if frame.dropped and index == len(self.handle.branches) - 1 and not frame.input_requires_grad:
-            return self._anchored(output)
+            # Every tensor of the output is measured (a tuple's or a dict's): dropping the branch cuts them
+            # all. Each is measured at a copy that only the model's use of it reaches: where one output
+            # depends on another (attention weights inside the attention output), the gradient at the
+            # output itself would also count the path through the other. The model gets a second copy: a
+            # layer that adds into the branch's output in place (Falcon's `mlp_output += attention_output`)
+            # would otherwise make the measured tensor the sum.
+            leaves, spec = tree_flatten(output)
+            measured = {k: t.clone() for k, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad}
+            if measured:
+                context.capture.setdefault(index, []).append(list(measured.values()))
+                return tree_unflatten([measured[k].clone() if k in measured else t for k, t in enumerate(leaves)], spec)
         return None
 
     def close_frames(self, context: ForwardContext) -> None:
@@ -255,20 +278,20 @@ class Forwards:
     def _check_ddp_wrapper(self) -> None:
         """Refuse a DDP wrapper that would hang or fail on parameters without gradients."""
         active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
-        if active is None or id(active) in self._checked_ddp:
+        if active is None or active in self._checked_ddp:
             return
-        self._checked_ddp.add(id(active))
+        self._checked_ddp.add(active)
         require_find_unused(active)
 
     def _check_deepspeed_engine(self) -> None:
         """Under a DeepSpeed engine: refuse what ZeRO cannot make exact, and guard ZeRO-3 against stale gradients."""
         engine = active_engine()
-        if engine is not None and self._capture_next:
+        if engine is not None and self._captured is not None:
             raise DropBPError(SENSITIVITY_THROUGH_ENGINE_REFUSED)
-        if engine is None or id(engine) in self._checked_engines:
+        if engine is None or engine in self._checked_engines:
             return
         guard = guard_engine(engine, self.handle.model, self.handle.auto_step)
-        self._checked_engines.add(id(engine))
+        self._checked_engines.add(engine)
         if guard is not None and guard not in self.handle._zero_guards:
             self.handle._zero_guards.append(guard)
 
@@ -285,28 +308,45 @@ class Forwards:
             return False
         return not torch.is_grad_enabled() or any(not context.mask[j] for j in self.handle._later_in_layer[index])
 
-    def _anchored(self, output: Any) -> Any:
-        """Keep the loss differentiable when nothing trainable is left in this step's graph.
+    def anchored(self, context: ForwardContext, output: Any) -> Any:
+        """The entry module's output, made differentiable again where dropping cut its graph.
 
-        If every trainable branch was dropped and nothing below requires grad (LoRA on
-        attention and MLP only), the loss would have no ``grad_fn`` and ``loss.backward()``
-        would raise. Adding a zero-valued leaf to the last branch's output keeps the
-        backward legal; no parameter receives a gradient from it.
+        If every branch that carries gradient was dropped in this forward and nothing else
+        on the way requires grad (LoRA on some of the branches only, frozen layers), the
+        outputs lose their ``grad_fn`` and ``loss.backward()`` would raise, where the plain
+        model's would not. Such outputs get a fresh zero-valued leaf added: the backward is
+        legal, and no parameter receives a gradient from it.
+
+        Returns:
+            The output with its floating-point tensors anchored, or None if none needed it.
         """
-        out = hooks.first_tensor(output)
-        if out is None or not out.is_floating_point():
+        if not context.cut or not torch.is_grad_enabled():
             return None
-        if self._anchor is None:
-            self._anchor = torch.zeros((), requires_grad=True)
-        return hooks.replace_first_tensor(output, out + self._anchor.to(dtype=out.dtype, device=out.device))
+
+        def anchor(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+                return value + torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)
+            return value
+
+        if isinstance(output, torch.Tensor):
+            return anchor(output) if not output.requires_grad else None
+        if isinstance(output, dict):  # transformers' ModelOutput: set its fields in place, keeping its type
+            changed = {key: anchor(value) for key, value in output.items()}
+            for key, value in changed.items():
+                if value is not output[key]:
+                    output[key] = value
+            return output
+        if isinstance(output, (tuple, list)):
+            return hooks.replace_items(output, [anchor(value) for value in output])
+        return None
 
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[Callable[[], ForwardContext | None]]:
-        """Record the branch outputs of the next training forward; yields a getter for them."""
-        self._capture_next, self._captured = True, None
+    def capturing(self) -> Iterator[Callable[[], list[ForwardContext]]]:
+        """Record the branch outputs of every training forward in this block; yields a getter for them."""
+        self._captured = []
         try:
-            yield lambda: self._captured
+            yield lambda: list(self._captured or [])
         finally:
-            if self._captured is not None:
-                self._captured.capture = None
-            self._capture_next, self._captured = False, None
+            for context in self._captured or []:
+                context.capture = None
+            self._captured = None

@@ -23,7 +23,7 @@ from dropbp.forwards import COMPILE_REFUSED, Forwards
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
 from dropbp.sensitivity import Metric, measure_sensitivity
-from dropbp.validation import check_mask, check_nonnegative, check_rate, check_rates
+from dropbp.validation import check_int, check_mask, check_nonnegative, check_rate, check_rates
 from dropbp.zero import release_guards
 
 __all__ = ["COMPILE_REFUSED", "DropBPHandle", "apply", "find_handle"]
@@ -45,6 +45,22 @@ def _checkpointing_owner(model: nn.Module, name: str) -> nn.Module | None:
         if hasattr(module, "gradient_checkpointing"):
             return module
     return None
+
+
+def _entry_modules(model: nn.Module, specs: list[BranchSpec]) -> list[nn.Module]:
+    """``model`` and each module inside it that holds every branch, outermost first.
+
+    A training forward may start at any of them: ``model.model(...)`` runs the decoder
+    body of a causal LM, and PEFT's ``merge_and_unload()`` hands back the model inside a
+    ``PeftModel``.
+    """
+    paths = [spec.start.split(".")[:-1] for spec in specs]
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return [model] + [model.get_submodule(".".join(common[:k])) for k in range(1, len(common) + 1)]
 
 
 def _make_branch(model: nn.Module, spec: BranchSpec, index: int) -> Branch:
@@ -76,6 +92,8 @@ class DropBPHandle:
         sensitivities: The last sensitivities measured or loaded, else ``None``.
         branch_source: Where the branches came from: ``"table"`` (the architecture table),
             ``"fallback"`` (the generic rule) or ``"patterns"`` (``branches=``).
+        entry_modules: ``model`` and the modules inside it that hold every branch, outermost
+            first: a training forward of any of them draws its own mask.
     """
 
     def __init__(
@@ -83,7 +101,7 @@ class DropBPHandle:
         check_ranks: bool = False, replay: bool = True,
     ):
         self.model = model
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed")
         self.auto_step = bool(auto_step)
         self.check_ranks = bool(check_ranks)
         self.replay = bool(replay)
@@ -105,7 +123,9 @@ class DropBPHandle:
         self._later_in_layer = [
             tuple(j for j in range(i + 1, len(specs)) if parents[j] == parents[i]) for i in range(len(specs))
         ]
-        self._meter = FlopMeter(len(self.branches))
+        self._meter = FlopMeter(len(self.branches), param_counts=[sum(p.numel() for p in b.parameters())
+                                                                  for b in self.branches],
+                                names=[b.name for b in self.branches])
         self._hook_handles = self._register_hooks(specs)
         self._init_runtime()
 
@@ -118,6 +138,12 @@ class DropBPHandle:
 
     def _register_hooks(self, specs: list[BranchSpec]) -> list:
         model = self.model
+        handles = []
+        # Entry modules first, so their pre-hooks open the forward before anything inside it records.
+        self.entry_modules = _entry_modules(model, specs)
+        for depth, module in enumerate(self.entry_modules):
+            entry = hooks.EntryHook(self, module, depth)
+            handles += hooks.register(module, pre=entry.pre, post=entry.post)
         covers: dict[int, tuple[nn.Module, set[int]]] = {}
         for i, spec in enumerate(specs):
             parts = spec.start.split(".")
@@ -125,33 +151,45 @@ class DropBPHandle:
             beside = list((around[-1] if around else model).children())
             for module in (*around, *beside):
                 covers.setdefault(id(module), (module, set()))[1].add(i)
-        handles = []
         for module, indices in covers.values():  # before the branch hooks: a recompute is matched first
             handles += hooks.register(module, pre=hooks.KeyHook(self, tuple(sorted(indices))))
         for branch in self.branches:
             hook = hooks.BranchHook(self, branch.index)
             handles += hooks.register(branch.module, pre=hook.pre)
             handles += hooks.register(branch.end_module, post=hook.post)
-        root = hooks.RootHook(self)
-        handles += hooks.register(model, pre=root.pre, post=root.post)
         return handles
+
+    _RUNTIME = frozenset({"_lock", "_overrides", "_forwards", "_zero_guards"})
+
+    def _refuse_copy_while_kept(self, action: str) -> None:
+        if any(self._forwards.replays.shadowed()):
+            raise DropBPError(
+                f"cannot {action} the model while outputs are kept for a gradient-checkpointing recompute; "
+                f"{action} it before the training forward or after its backward"
+            )
 
     def __deepcopy__(self, memo: dict) -> DropBPHandle:
         # Reached through the hooks when the model is deep-copied: the copy gets its own
         # handle (same rates, seed and step) on the copied modules.
-        if any(self._forwards.replays.shadowed()):
-            raise DropBPError(
-                "cannot copy the model while outputs are kept for a gradient-checkpointing recompute; "
-                "copy it before the training forward or after its backward"
-            )
+        self._refuse_copy_while_kept("copy")
         clone = object.__new__(DropBPHandle)
         memo[id(self)] = clone
-        runtime = {"_lock", "_overrides", "_forwards", "_zero_guards"}
         for name, value in self.__dict__.items():
-            if name not in runtime:
+            if name not in self._RUNTIME:
                 setattr(clone, name, copy.deepcopy(value, memo))
         clone._init_runtime()
         return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Reached through the hooks when the model is pickled (torch.save(model)): the hooks travel
+        # with the model, and the unpickled model has DropBP with the same rates, seed and step.
+        # The per-process state (locks, forwards in flight, DeepSpeed guards) starts afresh.
+        self._refuse_copy_while_kept("pickle")
+        return {name: value for name, value in self.__dict__.items() if name not in self._RUNTIME}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
 
     # ------------------------------------------------------------------ masks
     @property
@@ -191,17 +229,20 @@ class DropBPHandle:
         Returns:
             ``steps`` (masks sampled), ``drop_rate`` (mean fraction of branches dropped)
             and ``backward_flops_skipped`` (mean fraction of branch backward FLOPs skipped;
-            NaN while FLOPs are unknown). Empty values are 0.
+            NaN while FLOPs are unknown). Empty values are 0. Once a training forward has
+            run, branches it never called are left out of both.
         """
         steps, counts = self._counted_steps, self._drop_counts
         stats = {"steps": float(steps), "drop_rate": 0.0, "backward_flops_skipped": 0.0}
+        # Once training forwards have run, a branch they never call is left out: dropping it skips nothing.
+        ran = [i for i, f in enumerate(self.flops) if f is not None] or list(range(len(self.branches)))
         if steps and self.branches:
-            stats["drop_rate"] = sum(counts) / (steps * len(self.branches))
-            flops = self.flops
+            stats["drop_rate"] = sum(counts[i] for i in ran) / (steps * len(ran))
+            flops = [self.flops[i] for i in ran]
             if any(f is None for f in flops):
                 stats["backward_flops_skipped"] = float("nan")
             else:
-                stats["backward_flops_skipped"] = flops_weighted_rate([c / steps for c in counts], flops)
+                stats["backward_flops_skipped"] = flops_weighted_rate([counts[i] / steps for i in ran], flops)
         if reset:
             self._drop_counts = [0] * len(self.branches)
             self._counted_steps = 0
@@ -242,6 +283,14 @@ class DropBPHandle:
     def kept_for_replay_bytes(self) -> int:
         """Bytes held by the outputs kept for checkpoint replays (each storage counted once)."""
         return self._forwards.replays.kept_bytes(self._forwards.keys.live_contexts())
+
+    def implausible_flops(self) -> list[str]:
+        """Names of the branches whose counted FLOPs are far below ``2 x parameters x tokens``.
+
+        Such a count (see :func:`dropbp.flops.implausible_flops`) means torch's FLOP counter
+        missed the branch's main kernel; it was also reported with a ``DropBPFlopWarning``.
+        """
+        return [self.branches[i].name for i in sorted(self._meter.implausible)]
 
     @property
     def flops(self) -> list[int | None]:
@@ -349,6 +398,12 @@ class DropBPHandle:
     # ------------------------------------------------------------- allocation
     def _known_flops(self) -> list[int]:
         missing = [b.name for b in self.branches if b.flops is None]
+        if missing and len(missing) < len(self.branches):
+            others = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(
+                f"branch {missing[0]!r}{others} never ran in the training forwards so far, so it has no FLOPs to "
+                "allocate by; pass branches= patterns that match only the branches the forward calls"
+            )
         if missing:
             raise ValueError(
                 f"FLOPs of {len(missing)} branches are unknown (e.g. {missing[0]}); "
@@ -429,12 +484,8 @@ class DropBPHandle:
             )
         rates = check_rates(state["drop_rates"], len(names))
         mask = check_mask(state.get("mask", [False] * len(names)), len(names))
-        try:
-            step, seed = int(state["step"]), int(state["seed"])
-        except (TypeError, ValueError):
-            raise ValueError(f"DropBP state has a non-integer step or seed: {state['step']!r}, {state['seed']!r}") from None
-        if step < 0:
-            raise ValueError(f"DropBP state has a negative step {step}")
+        step = check_int(state["step"], "DropBP state's step", minimum=0)
+        seed = check_int(state["seed"], "DropBP state's seed")
         sens = state.get("sensitivities")
         if sens is not None:
             sens = check_nonnegative(sens, "sensitivities")
@@ -465,7 +516,7 @@ class DropBPHandle:
 def _handles_on(module: nn.Module) -> Iterator[DropBPHandle]:
     for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
         owner = getattr(hook, "__self__", hook)
-        if isinstance(owner, (hooks.RootHook, hooks.BranchHook, hooks.KeyHook)):
+        if isinstance(owner, (hooks.EntryHook, hooks.BranchHook, hooks.KeyHook)):
             yield owner.handle
 
 
@@ -529,6 +580,7 @@ def apply(
             compiled graph. Compiled forwards in eval mode or under ``no_grad`` are fine.
     """
     drop_rate = check_rate(drop_rate, "drop_rate")
+    seed = check_int(seed, "seed")
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing can be compiled yet
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         raise ValueError(COMPILE_REFUSED)

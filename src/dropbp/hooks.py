@@ -11,13 +11,14 @@ flows through the skip path only. Nothing is wrapped or renamed; the module tree
 ``state_dict()`` keys and ``forward``'s signature stay as they were.
 
 The decision is read from the :class:`~dropbp.checkpointing.ForwardContext` of the
-training forward that makes the call: the root pre-hook creates it (and draws the mask),
+training forward that makes the call: the entry pre-hook creates it (and draws the mask),
 and a gradient-checkpointing recompute finds its own forward's context again through
 :class:`KeyHook` records. State that lives from a pre-hook to its post-hook is per thread.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
     from dropbp.handle import DropBPHandle
 
 __all__ = [
-    "Branch", "BranchHook", "Frame", "KeyHook", "RootHook", "ThreadState", "first_input", "first_tensor", "register",
-    "replace_first_tensor",
+    "Branch", "BranchHook", "EntryHook", "Frame", "KeyHook", "ThreadState", "first_input", "first_tensor", "register",
+    "replace_first_tensor", "replace_items",
 ]
 
 
@@ -91,13 +92,15 @@ class Branch:
 
 # ------------------------------------------------------------------ tensor helpers
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a branch adds to the residual stream: itself, or the first of a tuple.
+    """The tensor a branch adds to the residual stream: itself, or the first of a tuple or dict.
 
     Hugging Face attention returns ``(output, weights)`` and MoE blocks
     ``(output, router_logits)``; the first element is the residual contribution.
     """
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, dict):  # transformers' ModelOutput (its first field is set), or a plain dict
+        value = tuple(value.values())
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
     return None
@@ -115,7 +118,15 @@ def replace_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
     """Return ``value`` with the tensor that :func:`first_tensor` finds replaced."""
     if isinstance(value, torch.Tensor):
         return tensor
-    items = [tensor, *value[1:]]
+    if isinstance(value, dict):
+        replaced = copy.copy(value)
+        replaced[next(iter(value))] = tensor
+        return replaced
+    return replace_items(value, [tensor, *value[1:]])
+
+
+def replace_items(value: tuple | list, items: list) -> tuple | list:
+    """A tuple or list of the same kind as ``value`` holding ``items``."""
     if hasattr(value, "_make"):  # a namedtuple (Reformer's AttentionOutput): keep its fields
         return type(value)._make(items)
     return type(value)(items) if isinstance(value, list) else tuple(items)
@@ -126,8 +137,11 @@ class ThreadState(threading.local):
     """What one thread's hooks hand each other; another thread's forwards never see it.
 
     Attributes:
-        active: One entry per root forward running in this thread: its context, or None
-            for a forward that trains nothing (eval mode, ``no_grad``, ``generate``).
+        active: One entry per entry-module call running in this thread: the forward's
+            context, or None for a forward that trains nothing (eval mode, ``no_grad``,
+            ``generate``). An entry module called inside another repeats the outer entry.
+        opened: Parallel to ``active``: the depth of the entry module that started that
+            forward, and whether this call started it (so that only its post-hook closes it).
         frames: Branch index -> the open calls' :class:`Frame` (pre-hook to post-hook).
         recompute: Branch index -> the forward whose recompute is running, in a backward.
         task: The backward (graph task id) that will clear ``recompute`` when it ends.
@@ -135,6 +149,7 @@ class ThreadState(threading.local):
 
     def __init__(self) -> None:
         self.active: list[ForwardContext | None] = []
+        self.opened: list[tuple[int, bool]] = []
         self.frames: dict[int, list[Frame]] = {}
         self.recompute: dict[int, ForwardContext] = {}
         self.task: int | None = None
@@ -150,7 +165,6 @@ class Frame:
     recompute: bool = False
     counting: Any = None  # the open FLOP count, on the first call at a new training shape
     keep_rng: tuple | None = None  # (RNG states, device) when the output is kept for a replay
-    input_requires_grad: bool = False
 
 
 def _refuse_copy(module: nn.Module, owner: nn.Module) -> None:
@@ -162,32 +176,59 @@ def _refuse_copy(module: nn.Module, owner: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ hook objects
-class RootHook:
-    """On the model DropBP was applied to: each training forward gets a new context."""
+class EntryHook:
+    """On the model DropBP was applied to and on every module that holds all its branches.
 
-    def __init__(self, handle: DropBPHandle):
+    A training forward starts at the outermost of these modules that it calls: the model
+    itself, or a part of it such as the decoder body (``model.model(...)``, as distillation
+    trainers and fused cross-entropy losses call it) or the model left by PEFT's
+    ``merge_and_unload()``. That call gets a new context, and with it its own mask; an
+    entry module deeper inside it belongs to the same forward. An entry module called
+    again from inside its own forward (a hook that runs the model on another batch)
+    starts a forward of its own.
+
+    Args:
+        handle: The handle whose forwards this hook starts.
+        module: The module the hook is registered on (a copy of the model that shares
+            the hooks, as ``nn.DataParallel`` makes, is refused).
+        depth: How deep ``module`` lies on the chain of entry modules (0: the model).
+    """
+
+    def __init__(self, handle: DropBPHandle, module: nn.Module, depth: int):
         self.handle = handle
+        self.module = module
+        self.depth = depth
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        handle = self.handle
-        _refuse_copy(module, handle.model)
-        state = handle._forwards.thread
+        forwards = self.handle._forwards
+        _refuse_copy(module, self.module)
+        state = forwards.thread
+        if state.active and state.opened[-1][0] < self.depth:  # inside an outer entry's forward, which decides
+            state.active.append(state.active[-1])
+            state.opened.append((state.opened[-1][0], False))
+            return
+        state.opened.append((self.depth, True))
         if not module.training:
             state.active.append(None)
             return
-        if in_backward():  # the whole model is checkpointed and being recomputed
-            handle._forwards.enter_recompute(first_input(args, kwargs), handle._all_indices)
+        if in_backward():  # the whole entry module is checkpointed and being recomputed
+            forwards.enter_recompute(first_input(args, kwargs), self.handle._all_indices)
             state.active.append(None)
             return
-        state.active.append(handle._forwards.new_context() if torch.is_grad_enabled() else None)
+        state.active.append(forwards.new_context() if torch.is_grad_enabled() else None)
 
-    def post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        handle = self.handle
-        state = handle._forwards.thread
-        context = state.active.pop() if state.active else None
-        if context is not None:
-            handle._forwards.close_frames(context)
-            handle._forwards.watch_backward(context, output)
+    def post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        forwards = self.handle._forwards
+        state = forwards.thread
+        if not state.active:
+            return None
+        context, (_, opened) = state.active.pop(), state.opened.pop()
+        if context is None or not opened:
+            return None
+        forwards.close_frames(context)
+        anchored = forwards.anchored(context, output)
+        forwards.watch_backward(context, output if anchored is None else anchored)
+        return anchored
 
 
 class KeyHook:
@@ -225,11 +266,18 @@ class BranchHook:
         self.index = index
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not module.training:
-            return
         handle, index = self.handle, self.index
+        if not module.training:
+            active = handle._forwards.thread.active
+            if active and active[-1] is not None and torch.is_grad_enabled() and not in_backward():
+                raise DropBPError(
+                    f"branch {handle.branches[index].name!r} is in eval mode inside a training forward, so DropBP "
+                    "cannot drop it; call model.train() on the whole model (or model.eval() on the whole model)"
+                )
+            return
         recompute = in_backward()
-        context = handle._forwards.recompute_context(index) if recompute else handle._forwards.current_context()
+        context = (handle._forwards.recompute_context(index) if recompute
+                   else handle._forwards.current_context(index))
         if context is None:
             return
         grad = torch.is_grad_enabled()

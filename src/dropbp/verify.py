@@ -16,6 +16,11 @@ comparing against references on the model itself:
   zero (pre-norm and parallel-residual blocks), that gradient equals the one at its end;
 - ``no residual inside``: with its own parameters zeroed, no branch returns one of its
   inputs (which would mean it adds the residual itself);
+- ``branch FLOPs``: every branch's counted forward FLOPs are plausible for its parameters
+  (an uncounted kernel, such as a Mixture-of-Experts grouped GEMM torch's counter missed,
+  counts far less), so rates are allocated and savings reported by real costs;
+- ``sub-module``: training through the decoder body (``model.model(...)``, as distillation
+  trainers do) draws its own mask per forward, and its gradients equal the detach reference;
 - ``eval and generate``: eval outputs and greedy ``generate`` tokens are unchanged.
 
 The pure part (what to compare) is here; DropBP is attached for the checks and removed
@@ -41,6 +46,7 @@ from dropbp.architectures import (
 )
 from dropbp.errors import DropBPError
 from dropbp.hooks import first_tensor, replace_first_tensor
+from dropbp.masks import sample_mask
 from dropbp.reference import detach_branches
 from dropbp.sensitivity import unmeasurable_loss
 from dropbp.tiny import example_batch, tiny_causal_lm
@@ -395,6 +401,59 @@ def _sensitivity_matches_definition(model: nn.Module, handle: Any, inputs: Any, 
                                    f"{worst:.0e})")
 
 
+def _branch_flops(handle: Any) -> CheckResult:
+    """Every branch ran in the training forwards, and its counted FLOPs are plausible for its parameters."""
+    name = "branch FLOPs"
+    missing = [b.name for b in handle.branches if b.flops is None]
+    if missing:
+        return CheckResult(name, False, f"{missing[0]} never ran in a training forward, so its FLOPs are unknown")
+    low = handle.implausible_flops()
+    if low:
+        return CheckResult(name, False, f"{low[0]} counted under 1% of 2 x parameters x tokens: torch.utils.flop_counter "
+                                        "misses its kernel, so allocation and backward_flops_skipped would be wrong")
+    config = find_config(handle.model)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    detail = "every branch counted at least 1% of 2 x parameters x tokens"
+    if experts:
+        biggest = max(handle.branches, key=lambda b: b.flops)
+        detail += f" ({experts} experts; the largest branch, {biggest.name}, counted {biggest.flops:,} FLOPs)"
+    return CheckResult(name, True, detail)
+
+
+def _through_a_sub_module(handle: Any, inputs: Any, seed: int) -> CheckResult:
+    """Training through the innermost module that holds every branch draws a mask and equals the reference."""
+    name = "sub-module"
+    inner = [m for m in handle.entry_modules[1:] if not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    if not inner or not isinstance(inputs, dict) or "input_ids" not in inputs:
+        return CheckResult(name, None, "no module inside the model holds every branch, or the batch has no input_ids")
+    body = inner[-1]
+    body_inputs = {"input_ids": inputs["input_ids"]}
+    count = len(handle.branches)
+    auto_step, rates = handle.auto_step, handle.drop_rates
+    handle.set_drop_rates(0.5)
+    step = handle.step_count
+    mask = sample_mask(handle.seed, step, handle.drop_rates)
+    try:
+        with handle.paused(), detach_branches([b.end_module for b in handle.branches], mask):
+            _, expected = _grads(body, body_inputs, seed)
+        handle.auto_step = True
+        _, got = _grads(body, body_inputs, seed)
+    except Exception as error:  # noqa: BLE001 - a body that cannot run alone is reported, not raised
+        return CheckResult(name, None, f"{type(body).__name__} does not run on input_ids alone "
+                                       f"({type(error).__name__}: {' '.join(str(error).split())[:120]})")
+    finally:
+        handle.auto_step = auto_step
+        handle.set_drop_rates(rates)
+    if handle.step_count != step + 1:
+        return CheckResult(name, False, f"a training forward of {type(body).__name__} drew {handle.step_count - step} "
+                                        "masks instead of one")
+    handle.load_state_dict({**handle.state_dict(), "step": step, "mask": [False] * count})
+    if any(_differs(g, r, exact=False) for g, r in zip(got, expected)):
+        return CheckResult(name, False, f"gradients through {type(body).__name__} differ from the detach reference")
+    return CheckResult(name, True, f"a training forward of {type(body).__name__} alone draws its own mask; "
+                                   f"gradients equal the detach reference ({sum(mask)} of {count} branches dropped)")
+
+
 def _random_mask(count: int, generator: torch.Generator) -> list[bool]:
     mask = (torch.rand(count, generator=generator) < 0.5).tolist()
     if count >= 2:  # at least one branch dropped and one kept, so both halves of the check bite
@@ -547,6 +606,8 @@ def _run_checks(report: CheckReport, model: nn.Module, handle: Any, inputs: Any,
     results.append(_no_residual_inside(model, handle, inputs, seed))
     handle.set_mask([False] * count)
     results.append(_sensitivity_matches_definition(model, handle, inputs, seed))
+    results.append(_branch_flops(handle))
+    results.append(_through_a_sub_module(handle, inputs, seed))
 
     # Eval and generate: DropBP attached changes nothing.
     model.eval()

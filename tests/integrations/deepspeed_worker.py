@@ -8,6 +8,11 @@ Modes:
     refusals   the settings DropBP refuses; each rank saves the error messages it got.
     sensitivity
                sensitivity under ZeRO-2 on each rank's own batch (averaged over ranks).
+    second-engine
+               the ``--settings`` setting (JSON dict) twice over one model and one DropBP handle: engine 1 trains a
+               step and is destroyed, then engine 2 trains STEPS steps from the initial weights and mask 0; rank 0
+               saves the weights, whether engine 2's ZeRO optimizer had DropBP's zeroing step after each training
+               forward, and whether engine 2 reused engine 1's id().
     trainer    the HF Trainer with a ``deepspeed`` dict (``--stage``, ``--sensitivity-at``, ``--checkpointing``):
                DropBPCallback, SGD, no clipping; rank 0 saves the weights and rates, every rank the batches it
                trained on (or the DropBPError it got).
@@ -166,6 +171,54 @@ def run_sensitivity(args, rank: int) -> None:
         torch.save({"sensitivities": values, "state": gathered_state(engine, 2)}, args.out / "sensitivity.pt")
 
 
+def run_second_engine(args, rank: int) -> None:
+    """One handle, two engines in turn: the second must get its own zeroing guard (the once-per-engine check was
+    keyed by id(), which an engine built after another was freed can reuse)."""
+    import gc
+    import weakref
+
+    import deepspeed
+
+    from dropbp.zero import _ZeroingStep
+
+    setting = json.loads(args.settings)
+    model = tiny_llama()
+    model.train()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    handle = dropbp.apply(model, drop_rate=0.5, seed=SEED)
+    config = engine_config(setting["stage"], 1, setting.get("offload", False))
+    local = [global_batch(step, 0)[rank * PER_RANK : (rank + 1) * PER_RANK] for step in range(STEPS)]
+
+    engine, optimizer, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=config)
+    engine.backward(engine(local[0], labels=local[0]).loss)
+    engine.step()
+    assert isinstance(engine.optimizer.__dict__.get("step"), _ZeroingStep), "engine 1 got no zeroing guard"
+    first_id, first = id(engine), weakref.ref(engine)
+    engine.destroy()  # removes its gradient hooks from the model's parameters, which engine 2 reuses
+    del engine, optimizer
+    gc.collect()
+
+    with torch.no_grad():  # start over, so that the single-process reference applies
+        for name, p in model.named_parameters():
+            p.copy_(initial[name])
+    handle.load_state_dict({**handle.state_dict(), "step": 0})
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=config)
+    same_id, freed = id(engine) == first_id, first() is None
+    guarded = []
+    for batch in local:
+        loss = engine(batch, labels=batch).loss
+        guarded.append(isinstance(engine.optimizer.__dict__.get("step"), _ZeroingStep))
+        engine.backward(loss)
+        engine.step()
+    print(f"rank {rank}: engine 1 freed: {freed}, id(engine 2) == id(engine 1): {same_id}", flush=True)
+    state = gathered_state(engine, setting["stage"])
+    if rank == 0:
+        torch.save({"state": state, "masks": handle.step_count, "guarded": guarded, "same_id": same_id,
+                    "freed": freed}, args.out / "second-engine.pt")
+
+
 class Batches(torch.utils.data.Dataset):
     def __init__(self):
         generator = torch.Generator().manual_seed(0)
@@ -215,7 +268,8 @@ def run_trainer(args, rank: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["engine", "untouched", "refusals", "sensitivity", "trainer"], required=True)
+    parser.add_argument("--mode", required=True,
+                        choices=["engine", "untouched", "refusals", "sensitivity", "second-engine", "trainer"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", default="[]")
     parser.add_argument("--stage", type=int, default=3)
@@ -228,7 +282,7 @@ def main() -> None:
     deepspeed.init_distributed("gloo")
     rank = dist.get_rank()
     modes = {"engine": run_engine, "untouched": run_untouched, "refusals": run_refusals,
-             "sensitivity": run_sensitivity, "trainer": run_trainer}
+             "sensitivity": run_sensitivity, "second-engine": run_second_engine, "trainer": run_trainer}
     modes[args.mode](args, rank)
     dist.barrier()
 
