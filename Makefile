@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast test-integrations demo bench bench-defaults evidence coverage clean
+.PHONY: setup test test-fast test-integrations demo bench bench-defaults bench-quality evidence coverage clean
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,12 @@ bench: setup
 # uniform vs sensitivity-based rates in the default job, 2 seeds (about 40 minutes on 2 cores)
 bench-defaults: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_defaults.py
+
+# time to quality: held-out loss against the training clock for the baseline, rates and drop-rate
+# schedules (the 60-step screen at seed 0, about 30 minutes on 2 idle cores) -> benchmarks/results/time_to_quality.*
+QUALITY_ARGS ?=
+bench-quality: setup
+	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_time_to_quality.py $(QUALITY_ARGS)
 
 # the paper's claims re-measured on the bundled model: speed, memory, convergence (about 100 minutes on
 # 2 cores) -> benchmarks/results/evidence.{md,json,*.png}. The convergence runs stay in /tmp/dropbp-evidence;

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
+from dropbp.schedules import parse_schedule
 from dropbp.validation import check_int, check_rate
 
 __all__ = ["DropBPConfig"]
@@ -25,6 +26,14 @@ class DropBPConfig:
     drop_rate: float = field(
         default=0.5,
         metadata={"help": "Target fraction of branch FLOPs whose backward is skipped, in [0, max_rate]."},
+    )
+    drop_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How the drop rate moves over the run: constant; warmup:F (from 0 over the first fraction F); "
+            "cooldown:F (to 0 over the last fraction F); linear:A:B or cosine:A:B (from rate A to rate B). "
+            "Allocated per-branch rates are scaled with it."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Mask seed; every rank must use the same one."})
     max_rate: float = field(default=0.9, metadata={"help": "Upper bound on any one branch's drop rate, in (0, 1)."})
@@ -103,6 +112,7 @@ class DropBPConfig:
             raise ValueError(
                 f"sensitivity_metric must be 'grad_diff' or 'grad_norm_diff', got {self.sensitivity_metric!r}"
             )
+        parse_schedule(self.drop_schedule)
         if isinstance(self.branches, str):
             self.branches = [self.branches]
 

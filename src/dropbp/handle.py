@@ -22,6 +22,7 @@ from dropbp.flops import FlopMeter
 from dropbp.forwards import COMPILE_REFUSED, Forwards
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
+from dropbp.schedules import DropSchedule, parse_schedule, scheduled_rates
 from dropbp.sensitivity import Metric, measure_sensitivity
 from dropbp.validation import check_int, check_mask, check_nonnegative, check_rate, check_rates
 from dropbp.zero import release_guards
@@ -113,6 +114,9 @@ class DropBPHandle:
         # callback and dropbp finetune (dropbp.verify.require_sound_branches).
         self.branch_source = "patterns"
         self._step = 0
+        self.schedule: DropSchedule | Callable[[int], float] | None = None
+        self.total_steps: int | None = None
+        self._base_rate = float(drop_rate)  # the rate the per-branch rates realise, which a schedule scales
         self._mask = [False] * len(self.branches)
         self._drop_counts = [0] * len(self.branches)
         self._counted_steps = 0
@@ -210,7 +214,7 @@ class DropBPHandle:
         """
         with self._lock:  # forwards in several threads each take their own step
             step = self._step
-            mask = sample_mask(self.seed, step, self.drop_rates)
+            mask = sample_mask(self.seed, step, self.rates_at(step))
             self._step += 1
             self._mask = mask
             self._counted_steps += 1
@@ -264,16 +268,57 @@ class DropBPHandle:
         """Per-branch drop rates, in execution order."""
         return [b.drop_rate for b in self.branches]
 
-    def set_drop_rates(self, rates: Sequence[float] | float) -> None:
+    def set_drop_rates(self, rates: Sequence[float] | float, target: float | None = None) -> None:
         """Set the per-branch drop rates (a single number sets them all).
+
+        Args:
+            rates: One rate per branch, or one rate for all.
+            target: The rate these rates realise, which a drop schedule scales (see
+                :meth:`set_schedule`); default: the single rate, or the rates' mean.
 
         Raises:
             ValueError: On a wrong length or a rate that is NaN or outside ``[0, 1)``.
         """
         if isinstance(rates, (int, float)):
             rates = [rates] * len(self.branches)
-        for branch, rate in zip(self.branches, check_rates(rates, len(self.branches))):
+        rates = check_rates(rates, len(self.branches))
+        for branch, rate in zip(self.branches, rates):
             branch.drop_rate = rate
+        base = sum(rates) / max(1, len(rates)) if target is None else check_rate(target, "target")
+        self._base_rate = base
+
+    def set_schedule(self, schedule: str | Callable[[int], float] | None, total_steps: int | None = None) -> None:
+        """Let the drop rate follow a schedule of the mask step (see :mod:`dropbp.schedules`).
+
+        The rates at step ``t`` are the per-branch rates scaled by ``rate(t) / target``, so
+        masks stay a pure function of ``(seed, t, rates at t)`` and a resumed run continues
+        exactly.
+
+        Args:
+            schedule: A spec (``"constant"``, ``"warmup:F"``, ``"cooldown:F"``, ``"linear:A:B"``,
+                ``"cosine:A:B"``), a callable ``step -> rate``, or None for constant rates.
+            total_steps: Mask steps in the run (training forwards with ``auto_step=True``,
+                :meth:`step` calls otherwise); needed by every spec but ``"constant"``.
+
+        Raises:
+            ValueError: On a bad spec, or a spec that needs ``total_steps`` without it.
+        """
+        if isinstance(schedule, str):
+            schedule = parse_schedule(schedule)
+            if schedule.kind == "constant":
+                schedule = None
+        if schedule is not None and not isinstance(schedule, DropSchedule) and not callable(schedule):
+            raise ValueError(f"schedule must be a spec string or a callable step -> rate, got {schedule!r}")
+        total = None if total_steps is None else check_int(total_steps, "total_steps", minimum=1)
+        if isinstance(schedule, DropSchedule) and total is None:
+            raise ValueError(f"the drop schedule {schedule.spec!r} needs total_steps, the mask steps of the run")
+        self.schedule, self.total_steps = schedule, total
+
+    def rates_at(self, step: int) -> list[float]:
+        """The per-branch rates in force at mask step ``step`` (the schedule applied)."""
+        if self.schedule is None:
+            return self.drop_rates
+        return scheduled_rates(self.drop_rates, self.schedule, step, self.total_steps or 0, self._base_rate)
 
     @property
     def kept_for_replay(self) -> list[int]:
@@ -442,7 +487,7 @@ class DropBPHandle:
             raise ValueError(f"expected {len(self.branches)} sensitivities (one per branch), got {len(sensitivity)}")
         rates = allocate_drop_rates(sensitivity, self._known_flops(), target, max_rate=max_rate, method=method)
         self.sensitivities = list(sensitivity)
-        self.set_drop_rates(rates)
+        self.set_drop_rates(rates, target=target)
         return rates
 
     # ------------------------------------------------------------ persistence
@@ -456,7 +501,15 @@ class DropBPHandle:
             "drop_rates": self.drop_rates,
             "mask": list(self._mask),
             "sensitivities": self.sensitivities,
+            "target": self._base_rate,
+            "schedule": self._schedule_spec(),
+            "total_steps": self.total_steps,
         }
+
+    def _schedule_spec(self) -> str | None:
+        if self.schedule is None:
+            return None
+        return self.schedule.spec if isinstance(self.schedule, DropSchedule) else "callable"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore rates, sensitivities, seed, mask and the step counter, all or nothing.
@@ -491,12 +544,21 @@ class DropBPHandle:
             sens = check_nonnegative(sens, "sensitivities")
             if len(sens) != len(names):
                 raise ValueError(f"DropBP state has {len(sens)} sensitivities for {len(names)} branches")
+        saved_schedule = (state.get("schedule"), state.get("total_steps"))
+        if "schedule" in state and saved_schedule != (self._schedule_spec(), self.total_steps):
+            raise ValueError(
+                f"DropBP state was saved with drop schedule {saved_schedule[0]!r} over {saved_schedule[1]} steps, "
+                f"this handle follows {self._schedule_spec()!r} over {self.total_steps}; resume with the same "
+                "schedule and run length, or the masks would differ"
+            )
+        target = state.get("target")
+        target = None if target is None else check_rate(target, "DropBP state's target")
         # Everything is checked: now change the handle.
         self.sensitivities = sens
         self.seed = seed
         self._step = step
         self._mask = mask
-        self.set_drop_rates(rates)
+        self.set_drop_rates(rates, target=target)
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as it was before :func:`apply`."""
@@ -542,6 +604,8 @@ def apply(
     *,
     check_ranks: bool = False,
     replay: bool = True,
+    schedule: str | Callable[[int], float] | None = None,
+    total_steps: int | None = None,
 ) -> DropBPHandle:
     """Attach DropBP to a model.
 
@@ -562,6 +626,9 @@ def apply(
             in the backward's recompute instead of running the branch again. Exact (dropout
             draws included); saves the dropped branches' forward FLOPs in the recompute at
             the cost of keeping their outputs until it.
+        schedule: A drop-rate schedule of the mask step: a spec such as ``"cooldown:0.2"``
+            or ``"linear:0.5:0"``, or a callable ``step -> rate`` (see :meth:`DropBPHandle.set_schedule`).
+        total_steps: Mask steps in the run, for the fraction-based specs.
 
     Returns:
         The :class:`DropBPHandle`; ``handle.remove()`` undoes everything.
@@ -590,6 +657,11 @@ def apply(
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
     handle = _attach(model, branches, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks,
                      replay=replay)
+    try:
+        handle.set_schedule(schedule, total_steps)
+    except ValueError:
+        handle.remove()
+        raise
     if handle.branch_source == "fallback":
         from dropbp.verify import verify_fallback_on_a_tiny_copy
 

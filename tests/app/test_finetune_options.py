@@ -114,3 +114,11 @@ def test_the_sensitivity_sample_is_cut_to_its_own_length_without_changing_the_lo
     padded = {k: v[:1] for k, v in batch.items()}
     torch.testing.assert_close(model(**sample).loss, model(**padded).loss)
     assert _first_examples(batch, None) is batch
+
+
+def test_drop_schedule_reaches_the_masks_and_the_run_folder(model_dir, tmp_path):
+    records = run(model_dir, tmp_path / "run", "--drop-schedule", "cooldown:0.5", "--sensitivity-at", "none")
+    assert [r["drop_rate"] for r in records][-1] == 0.0  # the last mask step is exact
+    assert records[0]["drop_rate"] > 0.0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dropbp"]["drop_schedule"] == "cooldown:0.5"

@@ -97,14 +97,15 @@ def test_uniform_rates_and_existing_handle(tmp_path):
     assert callback.handle is handle and handle.drop_rates == [0.3] * 6 and handle.sensitivities is None
 
 
-@pytest.mark.parametrize("sensitivity_at", [0.5, 0.7])
-def test_resume_continues_the_same_masks(tmp_path, sensitivity_at):
-    """Uninterrupted 6 steps vs 3 steps + resume: identical masks and rates (measured before or after the cut)."""
+@pytest.mark.parametrize("sensitivity_at, drop_schedule", [(0.5, "constant"), (0.7, "constant"), (0.5, "cosine:0.75:0")])
+def test_resume_continues_the_same_masks(tmp_path, sensitivity_at, drop_schedule):
+    """Uninterrupted 6 steps vs 3 steps + resume: identical masks and rates (measured before or after the cut),
+    also where the rate follows a schedule over the run's 12 mask steps (6 steps of 2 micro-batches)."""
 
     def run(output, max_steps, resume=None, save=False):
         model = tiny_llama()
         masks = MaskLog(model)
-        callback = DropBPCallback(drop_rate=0.5, sensitivity_at=sensitivity_at)
+        callback = DropBPCallback(drop_rate=0.5, sensitivity_at=sensitivity_at, drop_schedule=drop_schedule)
         extra = dict(save_strategy="steps", save_steps=3) if save else {}
         args = training_args(output, max_steps=6, **extra)
         trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
@@ -119,6 +120,9 @@ def test_resume_continues_the_same_masks(tmp_path, sensitivity_at):
     assert first_masks + resumed_masks == full_masks
     assert resumed_handle.drop_rates == pytest.approx(full_handle.drop_rates, rel=1e-6)
     assert resumed_handle.step_count == full_handle.step_count
+    if drop_schedule != "constant":
+        assert full_handle.total_steps == 12 and full_handle.rates_at(11) == [0.0] * 6
+        assert not any(full_masks[-1])
 
 
 class StopAt(TrainerCallback):

@@ -20,7 +20,8 @@ from dropbp.errors import DropBPError
 
 # DropBPConfig fields offered on the command line (the rest are Python-only).
 _DROPBP_OPTIONS = (
-    "drop_rate", "max_rate", "sensitivity_at", "sensitivity_batches", "sensitivity_examples", "allocation",
+    "drop_rate", "drop_schedule", "max_rate", "sensitivity_at", "sensitivity_batches", "sensitivity_examples",
+    "allocation",
 )
 # FinetuneConfig fields that are not plain options.
 _SPECIAL = {"dropbp", "use_dropbp", "overwrite"}

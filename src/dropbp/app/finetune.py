@@ -438,7 +438,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     d = cfg.dropbp
     if cfg.use_dropbp:
         handle = dropbp.apply(
-            model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step, replay=d.replay
+            model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step, replay=d.replay,
+            schedule=d.drop_schedule, total_steps=cfg.max_steps * (cfg.grad_accum if d.auto_step else 1),
         )
         if handle.branch_source == "fallback":  # not a table architecture: verify before training on it
             from dropbp.verify import require_sound_branches

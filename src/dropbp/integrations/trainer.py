@@ -235,6 +235,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
                 replay=cfg.replay,
             )
         self.handle = handle
+        if self.config.drop_schedule != "constant":
+            # Mask steps: every micro-batch's forward with auto_step, else one per optimizer step.
+            per_step = args.gradient_accumulation_steps if self.config.auto_step else 1
+            handle.set_schedule(self.config.drop_schedule, total_steps=state.max_steps * per_step)
         if handle.branch_source == "fallback" and self._verifier is None:
             self._verifier = model.register_forward_pre_hook(self._verify_first_batch, with_kwargs=True)
         saved = self._saved_state(state)

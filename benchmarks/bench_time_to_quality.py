@@ -1,0 +1,353 @@
+"""Time to quality: held-out loss against the training clock, per arm and seed, on the bundled job.
+
+Run (about 3 minutes per 60-step run on 2 idle CPU cores; nothing else may run meanwhile)::
+
+    make bench-quality                                   # the screen: 60 steps, seed 0, every arm
+    .venv/bin/python benchmarks/bench_time_to_quality.py --arms baseline,p0.5,cooldown --seeds 0,1 --steps 300
+
+What it runs
+    First, the step time of the job's model and batch at each drop rate the arms use, interleaved in
+    this process (baseline, p, baseline, p, ... after a warm-up round): the step speedup, and a
+    straight line ``t(p)`` through the medians (the FLOP model: backward work falls linearly in p).
+    Then one ``dropbp finetune`` run per arm and seed, one after another, with the same data order,
+    LoRA initialisation and learning-rate schedule, and the held-out loss on the fixed subset every
+    ``--eval-every`` steps, off the training clock. ``--fit-budget`` adds, for every DropBP arm, a run
+    of as many steps as the baseline's clock buys at the arm's mean rate (``t(0) / t(mean p)`` times
+    the baseline's steps, the schedule stretched to that length).
+
+What it reports, per arm (each seed, and the mean where there are several)
+    * the training clock (optimizer steps plus any sensitivity measurement, no evaluations) at which
+      the arm's held-out loss first reaches the baseline's at 50%, 75% and 100% of the baseline's
+      run, as a fraction of the baseline's own clock to that point (below 1: sooner);
+    * the held-out loss at 25%, 50%, 75% and 100% of the baseline's training clock (linear between
+      evaluations; an arm that ended earlier is read at its end);
+    * the worth of a step: the baseline step at which the baseline reaches the arm's final held-out
+      loss, over the arm's steps;
+    * the accuracy after training (exact match on ``--eval-size`` held-out examples).
+
+Results: ``benchmarks/results/time_to_quality.{json,md,png}`` (``--quick``: a temporary folder); the
+runs stay in ``--runs-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import RESULTS, Run, args_record, interleaved, say
+
+from dropbp.app.finetune import FinetuneConfig, run_finetune
+from dropbp.config import DropBPConfig
+from dropbp.schedules import parse_schedule
+
+#: name -> (drop rate, schedule); None is the baseline. Every schedule in the library is an arm.
+ARMS: dict[str, tuple[float, str] | None] = {
+    "baseline": None,
+    "p0.25": (0.25, "constant"),
+    "p0.5": (0.5, "constant"),
+    "p0.75": (0.75, "constant"),
+    "warmup": (0.5, "warmup:0.2"),
+    "cooldown": (0.5, "cooldown:0.2"),
+    "linear0.5": (0.5, "linear:0.5:0"),
+    "cosine0.5": (0.5, "cosine:0.5:0"),
+    "linear0.75": (0.75, "linear:0.75:0"),
+    "cosine0.75": (0.75, "cosine:0.75:0"),
+}
+FRACTIONS = (0.5, 0.75, 1.0)  # of the baseline's run: its held-out loss there is a target
+CLOCKS = (0.25, 0.5, 0.75, 1.0)  # of the baseline's training clock: every arm's held-out loss there
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {list(ARMS)}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (same data order per seed for every arm)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of the baseline's run")
+    p.add_argument("--eval-every", type=int, default=5, help="held-out loss every N steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+    p.add_argument("--fit-budget", action="store_true", help="also run each DropBP arm for the baseline's clock")
+    p.add_argument("--speed-rounds", type=int, default=5, help="timed interleaved rounds per rate")
+    p.add_argument("--quick", action="store_true", help="a tiny random model, 4 steps: checks the pipeline only")
+    p.add_argument("--runs-dir", type=Path, default=None, help="default: /tmp/dropbp-quality")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs (summary.json) in --runs-dir")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    args = p.parse_args(argv)
+    args.arms = [a for a in args.arms.split(",") if a]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    if not args.arms or any(a not in ARMS for a in args.arms) or "baseline" not in args.arms or not args.seeds:
+        p.error(f"--arms must include baseline and name only {list(ARMS)}; --seeds some integers")
+    return args
+
+
+# ---------------------------------------------------------------------------------- pure measures
+def value_at(curve: list[tuple[float, float]], x: float) -> float:
+    """Linear interpolation of ``[(x, y), ...]`` (sorted by x) at ``x``; the ends beyond the curve."""
+    if x <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return curve[-1][1]
+
+
+def first_reaching(curve: list[tuple[float, float]], level: float) -> float | None:
+    """The x at which a curve ``[(x, loss), ...]`` first falls to ``level`` (linear between points), or None."""
+    for (x0, y0), (x1, y1) in zip([curve[0], *curve], curve):
+        if y1 <= level:
+            if y0 <= level or y0 == y1:
+                return x1
+            return x0 + (x1 - x0) * (y0 - level) / (y0 - y1)
+    return None
+
+
+def curves(history: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(step, held-out loss) and (training clock, held-out loss) at every periodic evaluation."""
+    points = [r for r in history if "heldout_loss" in r]
+    return [(r["step"], r["heldout_loss"]) for r in points], [(r["wall_time_s"], r["heldout_loss"]) for r in points]
+
+
+def measure(arm: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures for one run against the baseline run of the same seed."""
+    base_steps, base_clock = curves(base["history"])
+    steps, clock = curves(arm["history"])
+    total_steps, total_clock = base_steps[-1][0], base["summary"]["train_time_s"]
+    targets = {f: value_at(base_steps, f * total_steps) for f in FRACTIONS}
+    time_to = {}
+    for f, level in targets.items():
+        reached = first_reaching(clock, level)
+        own = first_reaching(base_clock, level)
+        time_to[str(f)] = None if reached is None or not own else reached / own
+    worth_step = first_reaching(base_steps, steps[-1][1])
+    return {
+        "targets": {str(f): v for f, v in targets.items()},
+        "time_to_target_ratio": time_to,
+        "heldout_at_clock": {str(c): value_at(clock, c * total_clock) for c in CLOCKS},
+        "final_heldout": steps[-1][1],
+        "steps": steps[-1][0],
+        "train_time_s": arm["summary"]["train_time_s"],
+        "step_worth": None if worth_step is None else worth_step / steps[-1][0],
+        "step_worth_bound": worth_step is None,  # the arm ended above the baseline's first evaluation
+        "accuracy": arm["summary"]["after"]["accuracy"],
+        "median_step_time_s": arm["summary"]["median_step_time_s"],
+    }
+
+
+def mean_rate(rate: float, schedule: str, steps: int) -> float:
+    """The drop rate a schedule averages over a run of ``steps`` mask steps."""
+    parsed = parse_schedule(schedule)
+    return sum(parsed.rate(t, steps, rate) for t in range(steps)) / steps
+
+
+# ---------------------------------------------------------------------------------- runs
+def job_config(args: argparse.Namespace, model: str | None, arm: str, seed: int, steps: int, folder: Path,
+               **scale: Any) -> FinetuneConfig:
+    setting = ARMS[arm]
+    rate, schedule = setting if setting is not None else (0.5, "constant")
+    return FinetuneConfig(
+        model=model, method=args.method, max_steps=steps, lr=args.lr, seed=seed, eval_every=args.eval_every,
+        output_dir=str(folder), overwrite=True, use_dropbp=setting is not None,
+        dropbp=DropBPConfig(drop_rate=rate, drop_schedule=schedule, seed=seed, sensitivity_at=None), **scale)
+
+
+def run_one(config: FinetuneConfig, reuse: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    folder = Path(config.output_dir)
+    if reuse and (folder / "summary.json").is_file():
+        log(f"  {folder.name}: reusing")
+    else:
+        log(f"  {folder.name}: training {config.max_steps} steps")
+        run_finetune(config, progress=False, command=folder.name)
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"history": history, "summary": json.loads((folder / "summary.json").read_text())}
+
+
+def step_times(config: FinetuneConfig, rates: list[float], rounds: int) -> dict[str, Any]:
+    """Median step time of the job's model and first batch at each rate, interleaved with rate 0."""
+    import dropbp
+    from dropbp.app.data import collate, tokenize_example
+    from dropbp.app.finetune import _load_data
+    from dropbp.app.models import load_model, prepare_for_training
+
+    train, _ = _load_data(config)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, config.method)
+    model = prepare_for_training(model, config.method).train()
+    examples = [tokenize_example(tokenizer, ex["prompt"], ex["response"], config.seq_len)
+                for ex in train[: config.batch_size]]
+    batch = collate(examples, tokenizer.pad_token_id)
+    handle = dropbp.apply(model, drop_rate=0.0, seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step_at(rate: float) -> Callable[[int], None]:
+        def step(_: int) -> None:
+            handle.set_drop_rates(rate)
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    variants = {"p0": step_at(0.0)}
+    for rate in rates:
+        variants[f"p{rate:g}"] = step_at(rate)
+        variants[f"p0 ({rate:g})"] = step_at(0.0)  # a baseline beside every rate: neighbours share the load
+    times = interleaved(variants, rounds, warmup=1, label="speed round")
+    handle.remove()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    base = medians["p0"]
+    points = [(0.0, base)] + [(r, medians[f"p{r:g}"]) for r in rates]
+    slope = _fit_slope(points)
+    return {
+        "median_s": medians,
+        "speedup": {f"{r:g}": statistics.median(b / t for b, t in zip(times[f"p0 ({r:g})"], times[f"p{r:g}"]))
+                    for r in rates},
+        "line": {"t0_s": base, "slope_s": slope},
+    }
+
+
+def _fit_slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``t = t0 + slope * p`` through ``(0, t0)``."""
+    t0 = points[0][1]
+    num = sum(p * (t - t0) for p, t in points[1:])
+    den = sum(p * p for p, _ in points[1:])
+    return num / den if den else 0.0
+
+
+# ---------------------------------------------------------------------------------- report
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return None if len(known) < len(values) or not known else sum(known) / len(known)
+
+
+def _cell(value: float | None, fmt: str = ".3f") -> str:
+    return "not reached" if value is None else format(value, fmt)
+
+
+def report(record: dict[str, Any]) -> str:
+    rows = record["measures"]
+    seeds = record["args"]["seeds"]
+    lines = [
+        "# Time to quality",
+        "",
+        f"Job: {record['job']}. Seeds {', '.join(map(str, seeds))} (the same data order for every arm of a seed). "
+        f"Machine: {record['machine_note']}.",
+        "",
+        "## Step speedup, measured interleaved in this run",
+        "",
+        "| drop rate | step time / baseline's | speedup |",
+        "| --- | ---: | ---: |",
+    ]
+    for rate, speedup in record["speed"]["speedup"].items():
+        lines.append(f"| {rate} | {1 / speedup:.3f} | {speedup:.2f}x |")
+    lines += [
+        "",
+        "## Per arm (mean over seeds; each seed in the JSON)",
+        "",
+        "Clock to the baseline's held-out loss at 50% / 75% / 100% of its run, as a fraction of the baseline's "
+        "clock to the same loss (below 1: sooner); held-out loss at 50% and 100% of the baseline's clock; worth "
+        "of a step (baseline steps to the arm's final loss / the arm's steps); accuracy after training.",
+        "",
+        "| arm | steps | clock to 50% | to 75% | to 100% | held-out @50% clock | @100% clock | final held-out | "
+        "step worth | accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, per_seed in rows.items():
+        m = list(per_seed.values())
+        ratio = {f: _mean([r["time_to_target_ratio"][f] for r in m]) for f in ("0.5", "0.75", "1.0")}
+        worth = _mean([r["step_worth"] for r in m])
+        bound = any(r["step_worth_bound"] for r in m)
+        lines.append(
+            f"| {name} | {m[0]['steps']} | {_cell(ratio['0.5'], '.2f')} | {_cell(ratio['0.75'], '.2f')} | "
+            f"{_cell(ratio['1.0'], '.2f')} | {_mean([r['heldout_at_clock']['0.5'] for r in m]):.3f} | "
+            f"{_mean([r['heldout_at_clock']['1.0'] for r in m]):.3f} | {_mean([r['final_heldout'] for r in m]):.3f} | "
+            f"{'< first eval' if bound else _cell(worth, '.2f')} | "
+            f"{100 * _mean([r['accuracy'] for r in m]):.1f}% |")
+    lines += ["", record["footer"], ""]
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], histories: dict[str, dict[int, list]], path: Path) -> None:
+    from dropbp.app.plots import pyplot, save_figure
+
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, per_seed in histories.items():
+        for seed, history in per_seed.items():
+            _, clock = curves(history)
+            axis.plot([c for c, _ in clock], [v for _, v in clock], label=f"{name} (seed {seed})",
+                      linestyle="-" if name == "baseline" else "--", marker=".")
+    axis.set_xlabel("training clock (s)")
+    axis.set_ylabel("held-out loss (fixed subset)")
+    axis.set_title(record["job"])
+    axis.legend(fontsize=7, ncol=2)
+    save_figure(figure, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    run = Run(threads=None)
+    with tempfile.TemporaryDirectory(prefix="dropbp-quality-") as tmp:
+        model, scale = None, {}
+        if args.quick:
+            from dropbp.tiny import save_tiny_chat_model
+
+            model = str(save_tiny_chat_model(Path(tmp) / "model", layers=2))
+            scale = dict(batch_size=4, seq_len=160, eval_size=4, eval_subset=4)
+            args.steps, args.eval_every, args.speed_rounds = 4, 2, 1
+        out = args.out or (Path(tmp) / "results" if args.quick else RESULTS)
+        runs_dir = args.runs_dir or (Path(tmp) / "runs" if args.quick else Path("/tmp/dropbp-quality"))
+        job = (f"{args.method}, {args.steps} steps, lr {args.lr:g} cosine, eval every {args.eval_every} steps, "
+               + ("a tiny random model (--quick: checks the pipeline, not the numbers)" if args.quick
+                  else "the bundled SmolLM2-135M-Instruct and data"))
+        say(f"time to quality: {job}")
+        rates = sorted({ARMS[a][0] for a in args.arms if ARMS[a] is not None})
+        speed = step_times(job_config(args, model, "baseline", 0, args.steps, runs_dir / "speed", **scale), rates,
+                           args.speed_rounds)
+        plan = [(arm, arm, args.steps) for arm in args.arms]
+        if args.fit_budget:
+            for arm in args.arms:
+                if ARMS[arm] is None:
+                    continue
+                rate, schedule = ARMS[arm]
+                line = speed["line"]
+                per_step = line["t0_s"] + line["slope_s"] * mean_rate(rate, schedule, args.steps)
+                plan.append((f"{arm}@budget", arm, max(args.steps, round(args.steps * line["t0_s"] / per_step))))
+        histories: dict[str, dict[int, list]] = {}
+        results: dict[str, dict[int, dict]] = {}
+        for seed in args.seeds:
+            for name, arm, steps in plan:
+                folder = runs_dir / f"{name}_s{seed}_{args.steps}"
+                config = job_config(args, model, arm, seed, steps, folder, **scale)
+                results.setdefault(name, {})[seed] = run_one(config, args.reuse, say)
+                histories.setdefault(name, {})[seed] = results[name][seed]["history"]
+        measures = {name: {seed: measure(r, results["baseline"][seed]) for seed, r in per_seed.items()}
+                    for name, per_seed in results.items()}
+        run.finish()
+        record = {
+            "args": args_record(args, skip=("out", "runs_dir")),
+            "job": job,
+            "machine_note": "the machine was otherwise idle only if nothing else ran meanwhile: check the load "
+                            "average in the footer",
+            "speed": speed,
+            "measures": measures,
+            "machine": run.machine(),
+            "runtime_s": run.runtime_s,
+        }
+        record["footer"] = run.footer(read="the ratios; the runs are sequential, the speed rounds interleaved")
+        out.mkdir(parents=True, exist_ok=True)
+        Run.write(out, "time_to_quality", record, report(record))
+        plot(record, histories, out / "time_to_quality.png")
+        say(report(record))
+        if args.quick:
+            record["written"] = sorted(p.name for p in out.iterdir())
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,55 @@
+"""benchmarks/bench_time_to_quality.py: its pure measures, and ``--quick`` end to end on a tiny model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_time_to_quality as quality  # noqa: E402
+
+
+def test_value_at_and_first_reaching_interpolate_between_evaluations():
+    curve = [(10.0, 1.0), (20.0, 0.6), (30.0, 0.5)]
+    assert quality.value_at(curve, 15.0) == pytest.approx(0.8)
+    assert quality.value_at(curve, 5.0) == 1.0 and quality.value_at(curve, 40.0) == 0.5
+    assert quality.first_reaching(curve, 0.8) == pytest.approx(15.0)
+    assert quality.first_reaching(curve, 1.2) == 10.0  # already there at the first evaluation
+    assert quality.first_reaching(curve, 0.4) is None
+
+
+def history(losses, step_time):
+    return [{"step": 5 * (i + 1), "wall_time_s": 5 * (i + 1) * step_time, "heldout_loss": loss}
+            for i, loss in enumerate(losses)]
+
+
+def test_measure_reports_time_to_targets_clock_and_step_worth():
+    base = {"history": history([1.0, 0.8, 0.6, 0.5], 1.0),
+            "summary": {"train_time_s": 20.0, "after": {"accuracy": 0.3}, "median_step_time_s": 1.0}}
+    # Half the step time, and a step worth half a baseline step: the same loss at the same clock.
+    arm = {"history": history([1.1, 1.0, 0.9, 0.8], 0.5),
+           "summary": {"train_time_s": 10.0, "after": {"accuracy": 0.2}, "median_step_time_s": 0.5}}
+    m = quality.measure(arm, base)
+    assert m["targets"] == {"0.5": 0.8, "0.75": 0.6, "1.0": 0.5}  # at steps 10, 15 and 20 of 20
+    assert m["time_to_target_ratio"]["0.5"] == pytest.approx(1.0)  # 10 s against the baseline's 10 s
+    assert m["time_to_target_ratio"]["1.0"] is None
+    assert m["step_worth"] == pytest.approx(10 / 20)
+    assert m["heldout_at_clock"]["0.5"] == pytest.approx(0.8)
+    assert m["heldout_at_clock"]["1.0"] == pytest.approx(0.8)  # it ended at 10 s: read at its end
+    assert quality.measure(base, base)["time_to_target_ratio"] == {"0.5": 1.0, "0.75": 1.0, "1.0": 1.0}
+
+
+def test_mean_rate_of_a_schedule():
+    assert quality.mean_rate(0.5, "constant", 10) == 0.5
+    assert quality.mean_rate(0.5, "linear:0.5:0", 11) == pytest.approx(0.25)
+
+
+def test_quick_run_writes_the_table_and_the_plot(tmp_path):
+    record = quality.main(["--quick", "--arms", "baseline,p0.5,cooldown", "--fit-budget", "--out", str(tmp_path)])
+    assert record["written"] == ["time_to_quality.json", "time_to_quality.md", "time_to_quality.png"]
+    assert set(record["measures"]) == {"baseline", "p0.5", "cooldown", "p0.5@budget", "cooldown@budget"}
+    assert record["measures"]["p0.5@budget"][0]["steps"] > 4  # more steps for the baseline's clock
+    text = (tmp_path / "time_to_quality.md").read_text()
+    assert "| cooldown |" in text and "speedup" in text
