@@ -37,11 +37,11 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_defaults import step_reaching
 from harness import RESULTS, Run, args_record, interleaved, say
 
 from dropbp.app.finetune import FinetuneConfig, run_finetune
@@ -98,16 +98,6 @@ def value_at(curve: list[tuple[float, float]], x: float) -> float:
     return curve[-1][1]
 
 
-def first_reaching(curve: list[tuple[float, float]], level: float) -> float | None:
-    """The x at which a curve ``[(x, loss), ...]`` first falls to ``level`` (linear between points), or None."""
-    for (x0, y0), (x1, y1) in zip([curve[0], *curve], curve):
-        if y1 <= level:
-            if y0 <= level or y0 == y1:
-                return x1
-            return x0 + (x1 - x0) * (y0 - level) / (y0 - y1)
-    return None
-
-
 def curves(history: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(step, held-out loss) and (training clock, held-out loss) at every periodic evaluation."""
     points = [r for r in history if "heldout_loss" in r]
@@ -122,10 +112,10 @@ def measure(arm: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     targets = {f: value_at(base_steps, f * total_steps) for f in FRACTIONS}
     time_to = {}
     for f, level in targets.items():
-        reached = first_reaching(clock, level)
-        own = first_reaching(base_clock, level)
+        reached = step_reaching(clock, level)
+        own = step_reaching(base_clock, level)
         time_to[str(f)] = None if reached is None or not own else reached / own
-    worth_step = first_reaching(base_steps, steps[-1][1])
+    worth_step = step_reaching(base_steps, steps[-1][1])
     return {
         "targets": {str(f): v for f, v in targets.items()},
         "time_to_target_ratio": time_to,

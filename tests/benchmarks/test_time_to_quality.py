@@ -11,13 +11,10 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_time_to_quality as quality  # noqa: E402
 
 
-def test_value_at_and_first_reaching_interpolate_between_evaluations():
+def test_value_at_interpolates_between_evaluations():
     curve = [(10.0, 1.0), (20.0, 0.6), (30.0, 0.5)]
     assert quality.value_at(curve, 15.0) == pytest.approx(0.8)
     assert quality.value_at(curve, 5.0) == 1.0 and quality.value_at(curve, 40.0) == 0.5
-    assert quality.first_reaching(curve, 0.8) == pytest.approx(15.0)
-    assert quality.first_reaching(curve, 1.2) == 10.0  # already there at the first evaluation
-    assert quality.first_reaching(curve, 0.4) is None
 
 
 def history(losses, step_time):
