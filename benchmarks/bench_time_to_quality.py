@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny random model, 4 steps: checks the pipeline only")
     p.add_argument("--runs-dir", type=Path, default=None, help="default: /tmp/dropbp-quality")
     p.add_argument("--reuse", action="store_true", help="keep finished runs (summary.json) in --runs-dir")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from --out's time_to_quality.json and the runs in --runs-dir")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
     args.arms = [a for a in args.arms.split(",") if a]
@@ -104,21 +106,50 @@ def curves(history: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], li
     return [(r["step"], r["heldout_loss"]) for r in points], [(r["wall_time_s"], r["heldout_loss"]) for r in points]
 
 
-def measure(arm: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """The report's figures for one run against the baseline run of the same seed."""
+def modelled(history: list[dict[str, Any]], line: dict[str, float]) -> list[dict[str, Any]]:
+    """The history with ``wall_time_s`` replaced by the modelled clock: every step timed by the
+    interleaved line ``t0 + slope * p`` at the fraction ``p`` of branches it dropped.
+
+    Sequential runs on a shared machine drift (a later run's steps can be slower at a lower rate);
+    the line was measured interleaved, so every arm's clock comes from the same conditions.
+    """
+    clock, out = 0.0, []
+    for record in history:
+        clock += line["t0_s"] + line["slope_s"] * record["drop_rate"]
+        out.append({**record, "wall_time_s": clock})
+    return out
+
+
+def _time_to(clock: list[tuple[float, float]], base_clock: list[tuple[float, float]],
+             targets: dict[float, float]) -> dict[str, float | None]:
+    ratios = {}
+    for f, level in targets.items():
+        reached, own = step_reaching(clock, level), step_reaching(base_clock, level)
+        ratios[str(f)] = None if reached is None or not own else reached / own
+    return ratios
+
+
+def measure(arm: dict[str, Any], base: dict[str, Any], line: dict[str, float] | None = None) -> dict[str, Any]:
+    """The report's figures for one run against the baseline run of the same seed.
+
+    With ``line`` (the interleaved step-time line), the clock figures are also given on the
+    modelled clock (see :func:`modelled`).
+    """
     base_steps, base_clock = curves(base["history"])
     steps, clock = curves(arm["history"])
     total_steps, total_clock = base_steps[-1][0], base["summary"]["train_time_s"]
     targets = {f: value_at(base_steps, f * total_steps) for f in FRACTIONS}
-    time_to = {}
-    for f, level in targets.items():
-        reached = step_reaching(clock, level)
-        own = step_reaching(base_clock, level)
-        time_to[str(f)] = None if reached is None or not own else reached / own
     worth_step = step_reaching(base_steps, steps[-1][1])
+    extra: dict[str, Any] = {}
+    if line is not None:
+        _, base_model = curves(modelled(base["history"], line))
+        _, arm_model = curves(modelled(arm["history"], line))
+        extra = {"modelled_time_to_target_ratio": _time_to(arm_model, base_model, targets),
+                 "modelled_heldout_at_clock": {str(c): value_at(arm_model, c * base_model[-1][0]) for c in CLOCKS}}
     return {
+        **extra,
         "targets": {str(f): v for f, v in targets.items()},
-        "time_to_target_ratio": time_to,
+        "time_to_target_ratio": _time_to(clock, base_clock, targets),
         "heldout_at_clock": {str(c): value_at(clock, c * total_clock) for c in CLOCKS},
         "final_heldout": steps[-1][1],
         "steps": steps[-1][0],
@@ -258,6 +289,23 @@ def report(record: dict[str, Any]) -> str:
             f"{_mean([r['heldout_at_clock']['1.0'] for r in m]):.3f} | {_mean([r['final_heldout'] for r in m]):.3f} | "
             f"{'< first eval' if bound else _cell(worth, '.2f')} | "
             f"{100 * _mean([r['accuracy'] for r in m]):.1f}% |")
+    if all("modelled_time_to_target_ratio" in r for per_seed in rows.values() for r in per_seed.values()):
+        lines += [
+            "",
+            "On the modelled clock (every step of every run timed by the interleaved line t(p) = "
+            f"{record['speed']['line']['t0_s']:.3f} s {record['speed']['line']['slope_s']:+.3f} s x p at the "
+            "fraction p it dropped; the sequential runs' own clocks drift with the machine):",
+            "",
+            "| arm | clock to 50% | to 75% | to 100% | held-out @50% clock | @100% clock |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, per_seed in rows.items():
+            m = list(per_seed.values())
+            ratio = {f: _mean([r["modelled_time_to_target_ratio"][f] for r in m]) for f in ("0.5", "0.75", "1.0")}
+            lines.append(
+                f"| {name} | {_cell(ratio['0.5'], '.2f')} | {_cell(ratio['0.75'], '.2f')} | "
+                f"{_cell(ratio['1.0'], '.2f')} | {_mean([r['modelled_heldout_at_clock']['0.5'] for r in m]):.3f} | "
+                f"{_mean([r['modelled_heldout_at_clock']['1.0'] for r in m]):.3f} |")
     lines += ["", record["footer"], ""]
     return "\n".join(lines)
 
@@ -279,8 +327,27 @@ def plot(record: dict[str, Any], histories: dict[str, dict[int, list]], path: Pa
     save_figure(figure, path)
 
 
+def rewrite_report(out: Path, runs_dir: Path) -> dict[str, Any]:
+    """Recompute the measures of a finished run from its JSON and run folders; rewrite the report."""
+    record = json.loads((out / "time_to_quality.json").read_text())
+    steps = record["args"]["steps"]
+    results = {name: {int(seed): run_one(FinetuneConfig(output_dir=str(runs_dir / f"{name}_s{seed}_{steps}")),
+                                         True, lambda _: None)
+                      for seed in per_seed} for name, per_seed in record["measures"].items()}
+    record["measures"] = {name: {seed: measure(r, results["baseline"][seed], record["speed"]["line"])
+                                 for seed, r in per_seed.items()} for name, per_seed in results.items()}
+    Run.write(out, "time_to_quality", record, report(record))
+    plot(record, {name: {seed: r["history"] for seed, r in per_seed.items()} for name, per_seed in results.items()},
+         out / "time_to_quality.png")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only:
+        record = rewrite_report(args.out or RESULTS, args.runs_dir or Path("/tmp/dropbp-quality"))
+        say(report(record))
+        return record
     run = Run(threads=None)
     with tempfile.TemporaryDirectory(prefix="dropbp-quality-") as tmp:
         model, scale = None, {}
@@ -316,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 config = job_config(args, model, arm, seed, steps, folder, **scale)
                 results.setdefault(name, {})[seed] = run_one(config, args.reuse, say)
                 histories.setdefault(name, {})[seed] = results[name][seed]["history"]
-        measures = {name: {seed: measure(r, results["baseline"][seed]) for seed, r in per_seed.items()}
+        measures = {name: {seed: measure(r, results["baseline"][seed], speed["line"]) for seed, r in per_seed.items()}
                     for name, per_seed in results.items()}
         run.finish()
         record = {
