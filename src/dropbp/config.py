@@ -27,14 +27,6 @@ class DropBPConfig:
         default=0.5,
         metadata={"help": "Target fraction of branch FLOPs whose backward is skipped, in [0, max_rate]."},
     )
-    drop_schedule: str = field(
-        default="constant",
-        metadata={
-            "help": "How the drop rate moves over the run: constant; warmup:F (from 0 over the first fraction F); "
-            "cooldown:F (to 0 over the last fraction F); linear:A:B or cosine:A:B (from rate A to rate B). "
-            "Allocated per-branch rates are scaled with it."
-        },
-    )
     seed: int = field(default=0, metadata={"help": "Mask seed; every rank must use the same one."})
     max_rate: float = field(default=0.9, metadata={"help": "Upper bound on any one branch's drop rate, in (0, 1)."})
     sensitivity_at: float | None = field(
@@ -81,6 +73,15 @@ class DropBPConfig:
         metadata={
             "help": "grad_diff: ||G - G_-l||^2. grad_norm_diff: the paper code's sum of squared "
             "differences of per-parameter gradient norms."
+        },
+    )
+    # Last, so that positional construction from before it existed keeps its meaning.
+    drop_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How the drop rate moves over the run: constant; warmup:F (from 0 over the first fraction F); "
+            "cooldown:F (to 0 over the last fraction F); linear:A:B or cosine:A:B (from rate A to rate B). "
+            "Allocated per-branch rates are scaled with it."
         },
     )
 
