@@ -331,10 +331,10 @@ class Forwards:
         if isinstance(output, torch.Tensor):
             return anchor(output) if not output.requires_grad else None
         if isinstance(output, dict):  # transformers' ModelOutput: set its fields in place, keeping its type
-            changed = {key: anchor(value) for key, value in output.items()}
-            for key, value in changed.items():
-                if value is not output[key]:
-                    output[key] = value
+            for key, value in list(output.items()):
+                anchored = anchor(value)
+                if anchored is not value:
+                    output[key] = anchored
             return output
         if isinstance(output, (tuple, list)):
             return hooks.replace_items(output, [anchor(value) for value in output])
