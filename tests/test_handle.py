@@ -286,6 +286,53 @@ def test_bad_apply_arguments(llama, call, message):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in llama.modules())
 
 
+def test_apply_takes_a_config_and_keywords_override_its_fields(batch):
+    config = dropbp.DropBPConfig(drop_rate=0.25, seed=7, auto_step=False, drop_schedule="linear:0.25:0")
+    from_config = dropbp.apply(tiny_llama(), config, total_steps=10)
+    from_keywords = dropbp.apply(tiny_llama(), drop_rate=0.25, seed=7, auto_step=False, schedule="linear:0.25:0",
+                                 total_steps=10)
+    for handle in (from_config, from_keywords):
+        assert (handle.seed, handle.auto_step, handle.drop_rates[0]) == (7, False, 0.25)
+        assert handle.rates_at(9)[0] == 0.0 and handle.rates_at(0)[0] == 0.25
+    assert from_config.config == from_keywords.config == config
+    overridden = dropbp.apply(tiny_llama(), config, seed=3, schedule="constant")
+    assert (overridden.seed, overridden.schedule, overridden.drop_rates[0]) == (3, None, 0.25)
+    assert config.seed == 7  # the caller's config is not changed
+    assert dropbp.apply(tiny_llama(), 0.125).drop_rates[0] == 0.125  # a number is the drop rate
+    # The masks follow the config exactly as they follow the keywords.
+    for handle in (from_config, from_keywords):
+        handle.step()
+    assert from_config.mask == from_keywords.mask
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: dropbp.apply(m, {"drop_rate": 0.5}), "config must be a dropbp.DropBPConfig or a drop rate, got dict"),
+        (lambda m: dropbp.apply(m, 0.5, drop_rate=0.25), "pass the drop rate once"),
+        (lambda m: dropbp.apply(m, dropbp.DropBPConfig(), drop_rate=0.95), "exceeds max_rate 0.9"),
+        (lambda m: dropbp.apply(m, dropbp.DropBPConfig(drop_schedule="cooldown:0.2")), "needs total_steps"),
+    ],
+)
+def test_bad_configs_are_refused_before_anything_is_attached(llama, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(llama)
+    assert dropbp.find_handle(llama) is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in llama.modules())
+
+
+def test_calibrate_takes_its_settings_from_the_config(batch):
+    model = tiny_llama().train()
+    handle = dropbp.apply(model, dropbp.DropBPConfig(drop_rate=0.3, max_rate=0.4, allocation="greedy"))
+    closure = lambda: model(batch, labels=batch).loss  # noqa: E731
+    rates = handle.calibrate([closure])
+    explicit = dropbp.apply(tiny_llama().train(), drop_rate=0.0)
+    explicit.model.load_state_dict(model.state_dict())
+    expected = explicit.calibrate([lambda: explicit.model(batch, labels=batch).loss], 0.3, 0.4, "greedy")
+    assert rates == expected
+    assert max(rates) <= 0.4
+
+
 def test_unknown_architecture_says_how_to_pass_branches():
     with pytest.raises(ValueError, match="branches="):
         dropbp.apply(TwoBlock())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dropbp import hooks
 from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
 from dropbp.architectures import BranchSpec, branch_source, resolve_branches
+from dropbp.config import DropBPConfig
 from dropbp.distributed import assert_same_on_all_ranks, require_find_unused
 from dropbp.errors import DropBPError
 from dropbp.flops import FlopMeter
@@ -110,6 +112,8 @@ class DropBPHandle:
         for branch in self.branches:
             branch.drop_rate = drop_rate
         self.sensitivities: list[float] | None = None
+        #: The settings :func:`apply` was given (None for a handle built otherwise); calibrate() reads them.
+        self.config: DropBPConfig | None = None
         # "table", "fallback" or "patterns": fallback branches are verified on the first batch by the
         # callback and dropbp finetune (dropbp.verify.require_sound_branches).
         self.branch_source = "patterns"
@@ -412,12 +416,15 @@ class DropBPHandle:
     def calibrate(
         self,
         closures: Sequence[Callable[[], torch.Tensor]],
-        target: float,
-        max_rate: float = 0.9,
-        allocation: Literal["exact", "greedy"] = "exact",
-        metric: Metric = "grad_diff",
+        target: float | None = None,
+        max_rate: float | None = None,
+        allocation: Literal["exact", "greedy"] | None = None,
+        metric: Metric | None = None,
     ) -> list[float]:
         """Measure sensitivity averaged over several batches, then allocate rates for ``target``.
+
+        Settings left None come from :attr:`config` (``drop_rate``, ``max_rate``, ``allocation``,
+        ``sensitivity_metric``), or from :class:`~dropbp.DropBPConfig`'s defaults.
 
         Args:
             closures: One loss closure per batch (see :meth:`sensitivity`).
@@ -432,6 +439,11 @@ class DropBPHandle:
         Raises:
             ValueError: If ``closures`` is empty, or as :meth:`sensitivity` and :meth:`allocate`.
         """
+        config = self.config or DropBPConfig()
+        target = config.drop_rate if target is None else target
+        max_rate = config.max_rate if max_rate is None else max_rate
+        allocation = config.allocation if allocation is None else allocation
+        metric = config.sensitivity_metric if metric is None else metric
         if not closures:
             raise ValueError("calibrate needs at least one batch closure")
         total = [0.0] * len(self.branches)
@@ -595,59 +607,73 @@ def find_handle(model: nn.Module) -> DropBPHandle | None:
     return None
 
 
+_NUMBER = (int, float)
+
+
 def apply(
     model: nn.Module,
-    drop_rate: float = 0.5,
-    seed: int = 0,
-    branches: Sequence[str] | None = None,
-    auto_step: bool = True,
+    config: DropBPConfig | float | None = None,
     *,
-    check_ranks: bool = False,
-    replay: bool = True,
+    drop_rate: float | None = None,
+    seed: int | None = None,
+    branches: Sequence[str] | None = None,
+    auto_step: bool | None = None,
+    replay: bool | None = None,
     schedule: str | Callable[[int], float] | None = None,
     total_steps: int | None = None,
+    check_ranks: bool = False,
 ) -> DropBPHandle:
     """Attach DropBP to a model.
 
+    ``dropbp.apply(model, DropBPConfig(...))`` and ``dropbp.apply(model, drop_rate=0.5, ...)``
+    are the same call; keywords given beside a config override its fields. The handle keeps
+    the resulting config as :attr:`DropBPHandle.config`, and :meth:`DropBPHandle.calibrate`
+    takes its allocation settings from it.
+
     Args:
         model: The model to train (a transformers model, a ``PeftModel`` or any module).
-        drop_rate: Initial drop rate of every branch, in ``[0, 1)``.
-        seed: Mask seed; use the same on every data-parallel rank.
+        config: A :class:`~dropbp.DropBPConfig` (default: ``DropBPConfig()``). A number is taken
+            as ``drop_rate``, as in ``dropbp.apply(model, 0.5)``.
+        drop_rate: Drop rate of every branch, in ``[0, 1)`` (``config.drop_rate``).
+        seed: Mask seed; use the same on every data-parallel rank (``config.seed``).
         branches: fnmatch patterns over ``model.named_modules()`` names selecting the
-            residual branch modules. ``None`` auto-detects known architectures; for other
-            Hugging Face models the generic fallback's branches are first verified on a
-            tiny random copy of the model (:func:`dropbp.verify.verify_fallback_on_a_tiny_copy`).
+            residual branch modules (``config.branches``). ``None`` auto-detects known
+            architectures; for other Hugging Face models the generic fallback's branches are
+            first verified on a tiny random copy of the model
+            (:func:`dropbp.verify.verify_fallback_on_a_tiny_copy`).
         auto_step: If True, every forward of ``model`` in training mode with grad enabled
-            samples the next mask, so a manual loop needs nothing else.
+            samples the next mask, so a manual loop needs nothing else (``config.auto_step``).
+        replay: Under gradient checkpointing, return each dropped branch's first-pass output
+            in the backward's recompute instead of running the branch again (``config.replay``).
+            Exact (dropout draws included); saves the dropped branches' forward FLOPs in the
+            recompute at the cost of keeping their outputs until it.
+        schedule: A drop-rate schedule of the mask step: a spec such as ``"cooldown:0.2"``
+            or ``"linear:0.5:0"`` (``config.drop_schedule``), or a callable ``step -> rate``
+            (see :meth:`DropBPHandle.set_schedule`).
+        total_steps: Mask steps in the run, for the fraction-based specs.
         check_ranks: Debug option for data-parallel runs: at every step, one all_gather
             checks that all ranks drew the same mask (they do by construction when seeds,
             rates and step counters agree).
-        replay: Under gradient checkpointing, return each dropped branch's first-pass output
-            in the backward's recompute instead of running the branch again. Exact (dropout
-            draws included); saves the dropped branches' forward FLOPs in the recompute at
-            the cost of keeping their outputs until it.
-        schedule: A drop-rate schedule of the mask step: a spec such as ``"cooldown:0.2"``
-            or ``"linear:0.5:0"``, or a callable ``step -> rate`` (see :meth:`DropBPHandle.set_schedule`).
-        total_steps: Mask steps in the run, for the fraction-based specs.
 
     Returns:
         The :class:`DropBPHandle`; ``handle.remove()`` undoes everything.
 
     Raises:
-        ValueError: On a bad rate, patterns that match nothing or nested branches, an
-            unknown architecture without ``branches=``, a model that already has DropBP, a
-            ``DistributedDataParallel`` wrapper without ``find_unused_parameters=True`` (also
-            detected at the first training forward when DropBP is applied to the inner model),
-            a ``torch.compile``-d model, or a branch that adds the residual inside (it takes
-            the residual as an argument, or is a whole decoder layer).
+        ValueError: On a bad setting (see :class:`~dropbp.DropBPConfig`), patterns that match
+            nothing or nested branches, an unknown architecture without ``branches=``, a model
+            that already has DropBP, a ``DistributedDataParallel`` wrapper without
+            ``find_unused_parameters=True`` (also detected at the first training forward when
+            DropBP is applied to the inner model), a ``torch.compile``-d model, or a branch that
+            adds the residual inside (it takes the residual as an argument, or is a whole
+            decoder layer).
         DropBPError: If the generic fallback's branches fail the structural checks on a
             tiny copy of the model (they would cut the residual stream).
         RuntimeError: At the first training forward compiled by ``torch.compile`` (the whole
             model or any layer holding a branch): DropBP's per-step masks cannot live in a
             compiled graph. Compiled forwards in eval mode or under ``no_grad`` are fine.
     """
-    drop_rate = check_rate(drop_rate, "drop_rate")
-    seed = check_int(seed, "seed")
+    config = _merged_config(config, drop_rate=drop_rate, seed=seed, branches=branches, auto_step=auto_step,
+                            replay=replay, drop_schedule=schedule if isinstance(schedule, str) else None)
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing can be compiled yet
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         raise ValueError(COMPILE_REFUSED)
@@ -655,10 +681,11 @@ def apply(
         require_find_unused(model)
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
-    handle = _attach(model, branches, seed=seed, auto_step=auto_step, drop_rate=drop_rate, check_ranks=check_ranks,
-                     replay=replay)
+    handle = _attach(model, config.branches, seed=config.seed, auto_step=config.auto_step,
+                     drop_rate=config.drop_rate, check_ranks=check_ranks, replay=config.replay)
+    handle.config = config
     try:
-        handle.set_schedule(schedule, total_steps)
+        handle.set_schedule(schedule if callable(schedule) else config.drop_schedule, total_steps)
     except ValueError:
         handle.remove()
         raise
@@ -671,6 +698,19 @@ def apply(
             handle.remove()
             raise
     return handle
+
+
+def _merged_config(config: DropBPConfig | float | None, **overrides: Any) -> DropBPConfig:
+    """``config`` (a DropBPConfig, a drop rate or None) with the given non-None fields replaced, validated."""
+    if isinstance(config, _NUMBER) and not isinstance(config, bool):
+        if overrides.get("drop_rate") is not None:
+            raise ValueError("pass the drop rate once: as apply's second argument or as drop_rate=, not both")
+        config, overrides["drop_rate"] = None, config
+    elif config is not None and not isinstance(config, DropBPConfig):
+        raise ValueError(f"config must be a dropbp.DropBPConfig or a drop rate, got {type(config).__name__}")
+    changes = {name: value for name, value in overrides.items() if value is not None}
+    # replace() runs DropBPConfig's validation on the merged fields.
+    return dataclasses.replace(config or DropBPConfig(), **changes)
 
 
 def _attach(model: nn.Module, branches: Sequence[str] | None, **settings: Any) -> DropBPHandle:

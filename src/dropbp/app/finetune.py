@@ -437,10 +437,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     handle = None
     d = cfg.dropbp
     if cfg.use_dropbp:
-        handle = dropbp.apply(
-            model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step, replay=d.replay,
-            schedule=d.drop_schedule, total_steps=cfg.max_steps * (cfg.grad_accum if d.auto_step else 1),
-        )
+        handle = dropbp.apply(model, d, total_steps=cfg.max_steps * (cfg.grad_accum if d.auto_step else 1))
         if handle.branch_source == "fallback":  # not a table architecture: verify before training on it
             from dropbp.verify import require_sound_branches
 
@@ -537,10 +534,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
                     record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
                 if step == calibrate_at and not state["calibrated"]:
                     t1 = time.perf_counter()
-                    handle.calibrate(
-                        [lambda b=b: forward_loss(_first_examples(b, d.sensitivity_examples)) for b in recent],
-                        d.drop_rate, d.max_rate, d.allocation, d.sensitivity_metric,
-                    )
+                    handle.calibrate(  # the allocation settings come from handle.config, that is d
+                        [lambda b=b: forward_loss(_first_examples(b, d.sensitivity_examples)) for b in recent])
                     state["calibration_s"] = time.perf_counter() - t1
                     state["clock_s"] += state["calibration_s"]
                     state["calibrated"] = record["calibrated"] = True

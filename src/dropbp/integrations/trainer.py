@@ -227,18 +227,14 @@ class DropBPCallback(TrainerCallback, ExportableState):
             raise ValueError(COMPILE_REFUSED)
         if model is None:
             raise ValueError("DropBPCallback needs the Trainer's model; none was passed to on_train_begin")
+        # Mask steps: every micro-batch's forward with auto_step, else one per optimizer step.
+        mask_steps = state.max_steps * (args.gradient_accumulation_steps if self.config.auto_step else 1) or None
         handle = find_handle(model)
         if handle is None:
-            cfg = self.config
-            handle = apply(
-                model, drop_rate=cfg.drop_rate, seed=cfg.seed, branches=cfg.branches, auto_step=cfg.auto_step,
-                replay=cfg.replay,
-            )
+            handle = apply(model, self.config, total_steps=mask_steps)
+        elif self.config.drop_schedule != "constant":
+            handle.set_schedule(self.config.drop_schedule, total_steps=mask_steps)
         self.handle = handle
-        if self.config.drop_schedule != "constant":
-            # Mask steps: every micro-batch's forward with auto_step, else one per optimizer step.
-            per_step = args.gradient_accumulation_steps if self.config.auto_step else 1
-            handle.set_schedule(self.config.drop_schedule, total_steps=state.max_steps * per_step)
         if handle.branch_source == "fallback" and self._verifier is None:
             self._verifier = model.register_forward_pre_hook(self._verify_first_batch, with_kwargs=True)
         saved = self._saved_state(state)
