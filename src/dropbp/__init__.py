@@ -21,7 +21,7 @@ from dropbp.masks import sample_mask
 from dropbp.verify import CheckReport, check
 
 if TYPE_CHECKING:
-    from dropbp.integrations.trainer import DropBPCallback
+    from dropbp.integrations.trainer import DropBPCallback, attach
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "__version__",
     "allocate_drop_rates",
     "apply",
+    "attach",
     "check",
     "find_handle",
     "sample_mask",
@@ -43,8 +44,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # transformers is heavy and optional: import it only when the callback is asked for.
-    if name == "DropBPCallback":
-        from dropbp.integrations.trainer import DropBPCallback
+    if name in ("DropBPCallback", "attach"):
+        from dropbp.integrations import trainer
 
-        return DropBPCallback
+        return getattr(trainer, name)
     raise AttributeError(f"module 'dropbp' has no attribute {name!r}")

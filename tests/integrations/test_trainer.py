@@ -88,6 +88,38 @@ def test_reporters_listed_first_receive_the_metrics(tmp_path):
     assert len(logged) == 2 and all("dropbp/backward_flops_skipped" in entry for entry in logged)
 
 
+def test_attach_binds_the_callback_to_a_built_trainer_and_runs_it_first(tmp_path):
+    reporter = Reporter()
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=TokenData(),
+                      callbacks=[reporter])
+    callback = dropbp.attach(trainer, dropbp.DropBPConfig(drop_rate=0.5, sensitivity_at=0.5))
+    assert callback.trainer is trainer and trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    assert callback.handle is dropbp.find_handle(model) and callback.handle.sensitivities is not None
+    logged = [entry for entry in reporter.logs if "loss" in entry]
+    assert len(logged) == 4 and all("dropbp/backward_flops_skipped" in entry for entry in logged)
+    with pytest.raises(ValueError, match="already has a DropBPCallback"):
+        dropbp.attach(trainer)
+    with pytest.raises(ValueError, match="needs a transformers.Trainer"):
+        dropbp.attach(model)
+
+
+def test_a_bound_callback_measures_sensitivity_without_looking_up_the_stack(tmp_path, monkeypatch):
+    """Bound by attach(), the callback does not need the call-stack fallback (here made to find nothing)."""
+    import dropbp.integrations.trainer as integration
+
+    monkeypatch.setattr(integration, "calling_instance", lambda *args, **kwargs: None)
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenData())
+    callback = dropbp.attach(trainer, drop_rate=0.5, sensitivity_at=0.5)
+    trainer.train()
+    assert callback.handle.sensitivities is not None
+    unbound = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenData(),
+                      callbacks=[DropBPCallback(drop_rate=0.5, sensitivity_at=0.5)])
+    with pytest.raises(dropbp.DropBPError, match="no transformers.Trainer is running this callback"):
+        unbound.train()
+
+
 def test_uniform_rates_and_existing_handle(tmp_path):
     model = tiny_llama()
     handle = dropbp.apply(model, drop_rate=0.3, seed=4)

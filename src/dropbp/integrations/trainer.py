@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,7 +22,7 @@ from dropbp.sensitivity import unmeasurable_loss
 from dropbp.verify import CallArguments, require_sound_branches
 from dropbp.zero import refuse_zero3
 
-__all__ = ["DropBPCallback"]
+__all__ = ["DropBPCallback", "attach"]
 
 
 def _scalar_loss(loss: Any) -> torch.Tensor:
@@ -152,16 +151,22 @@ class DropBPCallback(TrainerCallback, ExportableState):
     - It adds ``dropbp/drop_rate`` (mean fraction of branches dropped) and
       ``dropbp/backward_flops_skipped`` (fraction of branch backward FLOPs skipped) to each
       log, ahead of the reporting integrations (TensorBoard, W&B, ...) and of
-      ``trainer.state.log_history``: at train begin it moves itself to the front of the
-      Trainer's callback list.
+      ``trainer.state.log_history``: at train begin it moves itself to the front of
+      ``trainer.callback_handler.callbacks``.
     - Its state (rates, sensitivities, mask step) is saved in every checkpoint's
       ``trainer_state.json``, so ``trainer.train(resume_from_checkpoint=...)`` continues
       with exactly the masks of an uninterrupted run.
+
+    Binding: :func:`dropbp.attach` adds the callback to a built Trainer, bound to it. A callback
+    passed as ``Trainer(callbacks=[...])`` exists before its Trainer; it finds the Trainer at train
+    begin as the ``self`` of the Trainer method a few frames up the call stack (a documented
+    fallback; without a Trainer there, only ``sensitivity_at`` fails, with a one-line error).
 
     Args:
         config: A :class:`dropbp.DropBPConfig`; or pass its fields as keyword arguments,
             e.g. ``DropBPCallback(drop_rate=0.5, sensitivity_at=0.1, sensitivity_batches=1,
             max_rate=0.9, seed=0)``.
+        trainer: The Trainer this callback serves, if known when it is built.
 
     Attributes:
         handle: The :class:`~dropbp.DropBPHandle` (after train begin).
@@ -173,10 +178,11 @@ class DropBPCallback(TrainerCallback, ExportableState):
             runs the callback, or the model or its checkpointing cannot be measured (see above).
     """
 
-    def __init__(self, config: DropBPConfig | None = None, **kwargs: Any):
+    def __init__(self, config: DropBPConfig | None = None, *, trainer: Any = None, **kwargs: Any):
         if config is not None and kwargs:
             raise ValueError("pass either config= or DropBPConfig fields as keyword arguments, not both")
         self.config = config if config is not None else DropBPConfig(**kwargs)
+        self.trainer = trainer
         self.handle: DropBPHandle | None = None
         self._measured = False
         self._recent: deque = deque(maxlen=self.config.sensitivity_batches)
@@ -208,21 +214,33 @@ class DropBPCallback(TrainerCallback, ExportableState):
         self._verifier = None
         require_sound_branches(module, self.handle, CallArguments(args, kwargs))
 
-    def _run_first(self) -> None:
+    def _find_trainer(self) -> Any:
+        """The Trainer this callback serves: the one it was bound to, else the one running on_train_begin.
+
+        The call-stack walk is the fallback for ``Trainer(callbacks=[DropBPCallback(...)])``, where the
+        callback exists before its Trainer; :func:`attach` binds it explicitly.
+        """
+        if self.trainer is not None:
+            return self.trainer
+        from transformers import Trainer  # imported on use: it loads the whole training stack
+
+        return calling_instance(Trainer, _STACK_DEPTH)
+
+    def _run_first(self, trainer: Any) -> None:
         """Move this callback to the front of the Trainer's callback list.
 
         The Trainer puts user callbacks after its reporting integrations, so metrics this
-        callback adds in ``on_log`` would reach TensorBoard or W&B one call too late. The
-        list is found through its reference to us; moving an element from the position
-        being iterated to the front does not disturb the ongoing iteration.
+        callback adds in ``on_log`` would reach TensorBoard or W&B one call too late. Moving
+        an element from the position being iterated to the front leaves the elements after it
+        where they were, so the ongoing ``on_train_begin`` round is not disturbed.
         """
-        for holder in gc.get_referrers(self):
-            if isinstance(holder, list) and all(isinstance(c, TrainerCallback) for c in holder):
-                holder.remove(self)
-                holder.insert(0, self)
+        callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
+        if isinstance(callbacks, list) and any(c is self for c in callbacks):
+            callbacks[:] = [self] + [c for c in callbacks if c is not self]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._run_first()
+        trainer = self._find_trainer()
+        self._run_first(trainer)
         if args.torch_compile:
             raise ValueError(COMPILE_REFUSED)
         if model is None:
@@ -256,9 +274,6 @@ class DropBPCallback(TrainerCallback, ExportableState):
                     f"support, and {problem}; use gradient_checkpointing_kwargs={{'use_reentrant': False}} or "
                     "sensitivity_at=None"
                 )
-            from transformers import Trainer  # imported on use: it loads the whole training stack
-
-            trainer = calling_instance(Trainer, _STACK_DEPTH)
             if trainer is None:
                 raise DropBPError(
                     "sensitivity_at measures sensitivity on the Trainer's compute_loss, and no transformers.Trainer "
@@ -326,3 +341,32 @@ class DropBPCallback(TrainerCallback, ExportableState):
             self._recorder.remove()
             self._recorder = None
             self._recent.clear()
+
+
+def attach(trainer: Any, config: DropBPConfig | None = None, **kwargs: Any) -> DropBPCallback:
+    """Add DropBP to a built ``transformers.Trainer`` (or TRL trainer): the explicit form of the callback.
+
+    ``dropbp.attach(trainer, drop_rate=0.5)`` is ``Trainer(..., callbacks=[DropBPCallback(drop_rate=0.5)])``
+    with the callback bound to ``trainer`` instead of finding it on the call stack, and placed first in
+    ``trainer.callback_handler.callbacks`` so that its metrics reach every reporting integration.
+
+    Args:
+        trainer: The Trainer, before ``trainer.train()``.
+        config: A :class:`dropbp.DropBPConfig`; or pass its fields as keyword arguments.
+
+    Returns:
+        The :class:`DropBPCallback` added (its ``handle`` is set when training begins).
+
+    Raises:
+        ValueError: If ``trainer`` has no ``callback_handler`` (not a Trainer) or already has a
+            ``DropBPCallback``, or on invalid settings.
+    """
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
+    if not isinstance(callbacks, list):
+        raise ValueError(f"dropbp.attach needs a transformers.Trainer (with a callback_handler), got "
+                         f"{type(trainer).__name__}")
+    if any(isinstance(c, DropBPCallback) for c in callbacks):
+        raise ValueError("this Trainer already has a DropBPCallback; attach DropBP once")
+    callback = DropBPCallback(config, trainer=trainer, **kwargs)
+    callbacks.insert(0, callback)
+    return callback
