@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=5, help="held-out loss every N steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (cuda: a GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--fit-budget", action="store_true", help="also run each DropBP arm for the baseline's clock")
     p.add_argument("--speed-rounds", type=int, default=5, help="timed interleaved rounds per rate")
     p.add_argument("--quick", action="store_true", help="a tiny random model, 4 steps: checks the pipeline only")
@@ -174,7 +177,7 @@ def job_config(args: argparse.Namespace, model: str | None, arm: str, seed: int,
     rate, schedule = setting if setting is not None else (0.5, "constant")
     return FinetuneConfig(
         model=model, method=args.method, max_steps=steps, lr=args.lr, seed=seed, eval_every=args.eval_every,
-        output_dir=str(folder), overwrite=True, use_dropbp=setting is not None,
+        output_dir=str(folder), overwrite=True, use_dropbp=setting is not None, device=args.device, dtype=args.dtype,
         dropbp=DropBPConfig(drop_rate=rate, drop_schedule=schedule, seed=seed, sensitivity_at=None), **scale)
 
 
@@ -193,25 +196,31 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int) -> dict[
     """Median step time of the job's model and first batch at each rate, interleaved with rate 0."""
     import dropbp
     from dropbp.app.data import collate, tokenize_example
-    from dropbp.app.finetune import _load_data
+    from dropbp.app.finetune import _autocast_dtype, _load_data, resolve_device
     from dropbp.app.models import load_model, prepare_for_training
 
     train, _ = _load_data(config)
+    device = resolve_device(config.device)
+    autocast = _autocast_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, config.method)
-    model = prepare_for_training(model, config.method).train()
+    model = prepare_for_training(model, config.method).to(device).train()
     examples = [tokenize_example(tokenizer, ex["prompt"], ex["response"], config.seq_len)
                 for ex in train[: config.batch_size]]
-    batch = collate(examples, tokenizer.pad_token_id)
+    batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     handle = dropbp.apply(model, drop_rate=0.0, seed=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def step_at(rate: float) -> Callable[[int], None]:
         def step(_: int) -> None:
             handle.set_drop_rates(rate)
-            model(**batch).loss.backward()
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss = model(**batch).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the harness times the call: the GPU's work must be in it
         return step
 
     variants = {"p0": step_at(0.0)}
@@ -230,6 +239,10 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int) -> dict[
                     for r in rates},
         "line": {"t0_s": base, "slope_s": slope},
     }
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else device
 
 
 def _fit_slope(points: list[tuple[float, float]]) -> float:
@@ -359,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.steps, args.eval_every, args.speed_rounds = 4, 2, 1
         out = args.out or (Path(tmp) / "results" if args.quick else RESULTS)
         runs_dir = args.runs_dir or (Path(tmp) / "runs" if args.quick else Path("/tmp/dropbp-quality"))
-        job = (f"{args.method}, {args.steps} steps, lr {args.lr:g} cosine, eval every {args.eval_every} steps, "
+        where = "" if args.device == "cpu" else f", {_device_name(args.device)} ({args.dtype} autocast)"
+        job = (f"{args.method}, {args.steps} steps, lr {args.lr:g} cosine, eval every {args.eval_every} steps{where}, "
                + ("a tiny random model (--quick: checks the pipeline, not the numbers)" if args.quick
                   else "the bundled SmolLM2-135M-Instruct and data"))
         say(f"time to quality: {job}")
