@@ -48,18 +48,23 @@ from dropbp.app.finetune import FinetuneConfig, run_finetune
 from dropbp.config import DropBPConfig
 from dropbp.schedules import parse_schedule
 
-#: name -> (drop rate, schedule); None is the baseline. Every schedule in the library is an arm.
-ARMS: dict[str, tuple[float, str] | None] = {
+#: name -> (drop rate, schedule, mask mode); None is the baseline. Every schedule in the library is an arm.
+ARMS: dict[str, tuple[float, str, str] | None] = {
     "baseline": None,
-    "p0.25": (0.25, "constant"),
-    "p0.5": (0.5, "constant"),
-    "p0.75": (0.75, "constant"),
-    "warmup": (0.5, "warmup:0.2"),
-    "cooldown": (0.5, "cooldown:0.2"),
-    "linear0.5": (0.5, "linear:0.5:0"),
-    "cosine0.5": (0.5, "cosine:0.5:0"),
-    "linear0.75": (0.75, "linear:0.75:0"),
-    "cosine0.75": (0.75, "cosine:0.75:0"),
+    "p0.25": (0.25, "constant", "random"),
+    "p0.5": (0.5, "constant", "random"),
+    "p0.75": (0.75, "constant", "random"),
+    "warmup": (0.5, "warmup:0.2", "random"),
+    "cooldown": (0.5, "cooldown:0.2", "random"),
+    "linear0.5": (0.5, "linear:0.5:0", "random"),
+    "cosine0.5": (0.5, "cosine:0.5:0", "random"),
+    "linear0.75": (0.75, "linear:0.75:0", "random"),
+    "cosine0.75": (0.75, "cosine:0.75:0", "random"),
+    "structured0.25": (0.25, "constant", "structured"),
+    "structured0.5": (0.5, "constant", "structured"),
+    "structured0.75": (0.75, "constant", "structured"),
+    "structured-linear0.5": (0.5, "linear:0.5:0", "structured"),
+    "structured-linear0.75": (0.75, "linear:0.75:0", "structured"),
 }
 FRACTIONS = (0.5, 0.75, 1.0)  # of the baseline's run: its held-out loss there is a target
 CLOCKS = (0.25, 0.5, 0.75, 1.0)  # of the baseline's training clock: every arm's held-out loss there
@@ -174,11 +179,12 @@ def mean_rate(rate: float, schedule: str, steps: int) -> float:
 def job_config(args: argparse.Namespace, model: str | None, arm: str, seed: int, steps: int, folder: Path,
                **scale: Any) -> FinetuneConfig:
     setting = ARMS[arm]
-    rate, schedule = setting if setting is not None else (0.5, "constant")
+    rate, schedule, mask = setting if setting is not None else (0.5, "constant", "random")
     return FinetuneConfig(
         model=model, method=args.method, max_steps=steps, lr=args.lr, seed=seed, eval_every=args.eval_every,
         output_dir=str(folder), overwrite=True, use_dropbp=setting is not None, device=args.device, dtype=args.dtype,
-        dropbp=DropBPConfig(drop_rate=rate, drop_schedule=schedule, seed=seed, sensitivity_at=None), **scale)
+        dropbp=DropBPConfig(drop_rate=rate, drop_schedule=schedule, seed=seed, sensitivity_at=None, mask=mask),
+        **scale)
 
 
 def run_one(config: FinetuneConfig, reuse: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -192,8 +198,13 @@ def run_one(config: FinetuneConfig, reuse: bool, log: Callable[[str], None]) -> 
     return {"history": history, "summary": json.loads((folder / "summary.json").read_text())}
 
 
-def step_times(config: FinetuneConfig, rates: list[float], rounds: int) -> dict[str, Any]:
-    """Median step time of the job's model and first batch at each rate, interleaved with rate 0."""
+def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
+               structured: list[float] = ()) -> dict[str, Any]:
+    """Median step time of the job's model and first batch at each rate, interleaved with rate 0.
+
+    ``structured``: rates also timed with structured masks (their speedups are reported; the line
+    ``t(p)`` is fitted to the random-mask rates, by the fraction of branches dropped).
+    """
     import dropbp
     from dropbp.app.data import collate, tokenize_example
     from dropbp.app.finetune import _autocast_dtype, _load_data, resolve_device
@@ -211,8 +222,9 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int) -> dict[
     handle = dropbp.apply(model, drop_rate=0.0, seed=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-    def step_at(rate: float) -> Callable[[int], None]:
+    def step_at(rate: float, mask: str = "random") -> Callable[[int], None]:
         def step(_: int) -> None:
+            handle.mask_mode = mask
             handle.set_drop_rates(rate)
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 loss = model(**batch).loss
@@ -227,18 +239,20 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int) -> dict[
     for rate in rates:
         variants[f"p{rate:g}"] = step_at(rate)
         variants[f"p0 ({rate:g})"] = step_at(0.0)  # a baseline beside every rate: neighbours share the load
+    for rate in structured:
+        variants[f"p{rate:g} structured"] = step_at(rate, "structured")
+        variants[f"p0 ({rate:g} structured)"] = step_at(0.0)
     times = interleaved(variants, rounds, warmup=1, label="speed round")
     handle.remove()
     medians = {k: statistics.median(v) for k, v in times.items()}
     base = medians["p0"]
     points = [(0.0, base)] + [(r, medians[f"p{r:g}"]) for r in rates]
     slope = _fit_slope(points)
-    return {
-        "median_s": medians,
-        "speedup": {f"{r:g}": statistics.median(b / t for b, t in zip(times[f"p0 ({r:g})"], times[f"p{r:g}"]))
-                    for r in rates},
-        "line": {"t0_s": base, "slope_s": slope},
-    }
+    speedup = {f"{r:g}": statistics.median(b / t for b, t in zip(times[f"p0 ({r:g})"], times[f"p{r:g}"]))
+               for r in rates}
+    speedup.update({f"{r:g} structured": statistics.median(
+        b / t for b, t in zip(times[f"p0 ({r:g} structured)"], times[f"p{r:g} structured"])) for r in structured})
+    return {"median_s": medians, "speedup": speedup, "line": {"t0_s": base, "slope_s": slope}}
 
 
 def _device_name(device: str) -> str:
@@ -378,14 +392,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   else "the bundled SmolLM2-135M-Instruct and data"))
         say(f"time to quality: {job}")
         rates = sorted({ARMS[a][0] for a in args.arms if ARMS[a] is not None})
+        structured = sorted({ARMS[a][0] for a in args.arms if ARMS[a] is not None and ARMS[a][2] == "structured"})
         speed = step_times(job_config(args, model, "baseline", 0, args.steps, runs_dir / "speed", **scale), rates,
-                           args.speed_rounds)
+                           args.speed_rounds, structured)
         plan = [(arm, arm, args.steps) for arm in args.arms]
         if args.fit_budget:
             for arm in args.arms:
                 if ARMS[arm] is None:
                     continue
-                rate, schedule = ARMS[arm]
+                rate, schedule, _ = ARMS[arm]
                 line = speed["line"]
                 per_step = line["t0_s"] + line["slope_s"] * mean_rate(rate, schedule, args.steps)
                 plan.append((f"{arm}@budget", arm, max(args.steps, round(args.steps * line["t0_s"] / per_step))))

@@ -132,6 +132,59 @@ def test_masks_resume_from_state_dict(batch):
     assert before + run(resumed, handle2, 6) == uninterrupted
 
 
+def test_structured_masks_give_kept_branches_their_exact_gradients(batch):
+    """Below the cut everything is dropped, above it nothing: each kept branch's gradient is the full backward's."""
+    full = tiny_llama().train()
+    expected = train_step_grads(full, batch)
+    model = tiny_llama().train()
+    handle = dropbp.apply(model, drop_rate=0.5, seed=1, mask="structured", auto_step=False)
+    seen = set()
+    for step in range(12):
+        mask = handle.step()
+        assert mask == sorted(mask, reverse=True)  # a lowest prefix is dropped
+        seen.add(sum(mask))
+        got = train_step_grads(model, batch)
+        for branch, dropped in zip(handle.branches, mask):
+            for name, p in branch.module.named_parameters(prefix=branch.name):
+                if dropped:
+                    assert got[name] is None, name
+                else:
+                    torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        # The layers above every branch (final norm, head) always get the full gradient too.
+        torch.testing.assert_close(got["lm_head.weight"], expected["lm_head.weight"], rtol=1e-5, atol=1e-7)
+    assert len(seen) > 2  # the cut moves
+
+
+def test_structured_masks_resume_exactly_and_refuse_a_different_mode(batch):
+    def masks(handle, model, steps):
+        out = []
+        for _ in range(steps):
+            model(batch, labels=batch).loss.backward()
+            out.append(handle.mask)
+        return out
+
+    model = tiny_llama().train()
+    handle = dropbp.apply(model, drop_rate=0.5, seed=2, mask="structured", schedule="linear:0.75:0", total_steps=10)
+    uninterrupted = masks(handle, model, 10)
+    first = tiny_llama().train()
+    handle1 = dropbp.apply(first, drop_rate=0.5, seed=2, mask="structured", schedule="linear:0.75:0", total_steps=10)
+    before, state = masks(handle1, first, 4), handle1.state_dict()
+    resumed = tiny_llama().train()
+    handle2 = dropbp.apply(resumed, drop_rate=0.5, mask="structured", schedule="linear:0.75:0", total_steps=10)
+    handle2.load_state_dict(state)
+    assert before + masks(handle2, resumed, 6) == uninterrupted
+    assert state["mask_mode"] == "structured"
+    random = dropbp.apply(tiny_llama(), drop_rate=0.5, schedule="linear:0.75:0", total_steps=10)
+    with pytest.raises(ValueError, match="saved with mask='structured', this handle draws mask='random'"):
+        random.load_state_dict(state)
+    with pytest.raises(ValueError, match="per-branch rates do not apply"):
+        handle.allocate(0.5, [1.0] * 6)
+    with pytest.raises(ValueError, match="pass sensitivity_at=None"):
+        dropbp.DropBPConfig(mask="structured", sensitivity_at=0.1)
+    with pytest.raises(ValueError, match="mask must be 'random' or 'structured', got 'lowest'"):
+        dropbp.DropBPConfig(mask="lowest")
+
+
 def test_module_tree_keys_signature_and_remove(tmp_path, batch):
     model = tiny_llama()
     keys = list(model.state_dict().keys())

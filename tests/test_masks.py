@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2
 
-from dropbp.masks import _below, _mix, _splitmix64, sample_mask
+from dropbp.masks import _below, _mix, _splitmix64, sample_mask, sample_structured_mask
 
 # ------------------------------------------------------------ independent reference
 TWO64 = 2**64
@@ -248,3 +248,72 @@ def test_bad_inputs():
         sample_mask(0, 0, [0.5, 1.0])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         sample_mask(0, 0, [float("nan")])
+
+
+# ------------------------------------------------------------ structured masks
+def reference_structured_mask(seed, step, rates):
+    """The documented algorithm in integers: ``k = floor(f n + 1/2)`` as ``(2 f n + 1) // 2`` over one denominator."""
+    n = len(rates)
+    if not n:
+        return []
+    u_num = RefSplitMix64(ref_state(seed, step)).next64() // 2**11  # u = u_num / 2**53
+    total = sum(Fraction(r) for r in rates)  # p = total / n
+    den = total.denominator
+    two_p = 2 * total.numerator  # 2p = two_p / (den * n)
+    scale = den * n
+    lo = max(0, two_p - scale)  # over scale
+    hi = min(scale, two_p)
+    f_num = lo * 2**53 + u_num * (hi - lo)  # f = f_num / (scale * 2**53)
+    cut = (2 * f_num * n + scale * 2**53) // (2 * scale * 2**53)
+    return [i < cut for i in range(n)]
+
+
+GOLDEN_STRUCTURED = [
+    (0, 0, [0.5] * 12, "111111111111"),
+    (0, 1, [0.5] * 12, "111110000000"),
+    (1, 0, [0.5] * 12, "111111000000"),
+    (7, 123, [0.25] * 20, "11111110000000000000"),
+    (7, 124, [0.75] * 20, "11111111111000000000"),
+    (2**64 - 1, 5, RATES24, "111110000000000000000000"),
+    (-3, 9, [0.9] * 10, "1111111111"),
+    (12345, 99999, [0.1] * 16, "1100000000000000"),
+]
+
+
+@pytest.mark.parametrize("seed, step, rates, expected", GOLDEN_STRUCTURED)
+def test_golden_structured_masks(seed, step, rates, expected):
+    assert bits(sample_structured_mask(seed, step, rates)) == expected
+    assert bits(reference_structured_mask(seed, step, rates)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(-(2**70), 2**70),
+    step=st.integers(0, 2**40),
+    rates=st.lists(st.floats(0.0, 0.999, allow_nan=False), min_size=0, max_size=40),
+)
+def test_structured_matches_independent_reference(seed, step, rates):
+    assert sample_structured_mask(seed, step, rates) == reference_structured_mask(seed, step, rates)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9])
+def test_structured_masks_drop_a_lowest_prefix_at_the_mean_rate(rate):
+    n, steps = 24, 6000
+    masks = [sample_structured_mask(5, t, [rate] * n) for t in range(steps)]
+    for mask in masks:  # no dropped branch lies above a kept one
+        assert mask == sorted(mask, reverse=True)
+    fraction = sum(map(sum, masks)) / (n * steps)
+    assert abs(fraction - rate) < 0.01 + 1 / (2 * n)
+    if rate == 0.0:
+        assert fraction == 0.0
+    # Per-branch rates only set the mean: the same mean gives the same masks.
+    skewed = [2 * rate if i % 2 else 0.0 for i in range(n)] if rate < 0.5 else [rate] * n
+    assert all(sample_structured_mask(5, t, skewed) == masks[t] for t in range(50))
+
+
+def test_structured_masks_validate_like_random_ones():
+    assert sample_structured_mask(0, 0, []) == []
+    for bad, message in [((0, -1, [0.5]), "step must be >= 0"), ((0.5, 0, [0.5]), "seed must be an integer"),
+                         ((0, 0, [1.0]), r"\[0, 1\)")]:
+        with pytest.raises(ValueError, match=message):
+            sample_structured_mask(*bad)

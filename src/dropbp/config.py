@@ -84,6 +84,14 @@ class DropBPConfig:
             "Allocated per-branch rates are scaled with it."
         },
     )
+    mask: Literal["random", "structured"] = field(
+        default="random",
+        metadata={
+            "help": "random: each branch dropped independently at its rate (the paper's). structured: every "
+            "branch below a random cut is dropped, so kept branches get exact gradients; the cut drops drop_rate "
+            "of the branches on average, and per-branch rates (sensitivity_at) do not apply."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_rate(self.drop_rate, "drop_rate")
@@ -114,6 +122,13 @@ class DropBPConfig:
                 f"sensitivity_metric must be 'grad_diff' or 'grad_norm_diff', got {self.sensitivity_metric!r}"
             )
         parse_schedule(self.drop_schedule)
+        if self.mask not in ("random", "structured"):
+            raise ValueError(f"mask must be 'random' or 'structured', got {self.mask!r}")
+        if self.mask == "structured" and self.sensitivity_at is not None:
+            raise ValueError(
+                "mask='structured' drops the branches below a random cut, so per-branch rates from sensitivity do "
+                "not apply; pass sensitivity_at=None, or mask='random'"
+            )
         if isinstance(self.branches, str):
             self.branches = [self.branches]
 

@@ -290,10 +290,8 @@ class Forwards:
             raise DropBPError(SENSITIVITY_THROUGH_ENGINE_REFUSED)
         if engine is None or engine in self._checked_engines:
             return
-        guard = guard_engine(engine, self.handle.model, self.handle.auto_step)
+        guard_engine(engine, self.handle.model, self.handle.auto_step)
         self._checked_engines.add(engine)
-        if guard is not None and guard not in self.handle._zero_guards:
-            self.handle._zero_guards.append(guard)
 
     def _will_recompute(self, index: int, context: ForwardContext) -> bool:
         """Whether gradient checkpointing will run this call again in backward.

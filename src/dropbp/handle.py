@@ -23,7 +23,7 @@ from dropbp.errors import DropBPError
 from dropbp.flops import FlopMeter
 from dropbp.forwards import COMPILE_REFUSED, Forwards
 from dropbp.hooks import Branch
-from dropbp.masks import sample_mask
+from dropbp.masks import sample_mask, sample_structured_mask
 from dropbp.schedules import DropSchedule, parse_schedule, scheduled_rates
 from dropbp.sensitivity import Metric, measure_sensitivity
 from dropbp.validation import check_int, check_mask, check_nonnegative, check_rate, check_rates
@@ -101,9 +101,11 @@ class DropBPHandle:
 
     def __init__(
         self, model: nn.Module, specs: list[BranchSpec], seed: int, auto_step: bool, drop_rate: float,
-        check_ranks: bool = False, replay: bool = True,
+        check_ranks: bool = False, replay: bool = True, mask_mode: str = "random",
     ):
         self.model = model
+        #: ``"random"`` or ``"structured"`` (see :mod:`dropbp.masks`).
+        self.mask_mode = mask_mode
         self.seed = check_int(seed, "seed")
         self.auto_step = bool(auto_step)
         self.check_ranks = bool(check_ranks)
@@ -141,7 +143,6 @@ class DropBPHandle:
         """The per-process state a copy of the handle must not share."""
         self._lock = threading.Lock()
         self._overrides: list[tuple[bool, ...]] = []
-        self._zero_guards: list = []  # step wrappers on DeepSpeed ZeRO optimizers (dropbp.zero), undone by remove()
         self._forwards = Forwards(self)
 
     def _register_hooks(self, specs: list[BranchSpec]) -> list:
@@ -167,7 +168,7 @@ class DropBPHandle:
             handles += hooks.register(branch.end_module, post=hook.post)
         return handles
 
-    _RUNTIME = frozenset({"_lock", "_overrides", "_forwards", "_zero_guards"})
+    _RUNTIME = frozenset({"_lock", "_overrides", "_forwards"})
 
     def _refuse_copy_while_kept(self, action: str) -> None:
         if any(self._forwards.replays.shadowed()):
@@ -218,7 +219,8 @@ class DropBPHandle:
         """
         with self._lock:  # forwards in several threads each take their own step
             step = self._step
-            mask = sample_mask(self.seed, step, self.rates_at(step))
+            sampler = sample_structured_mask if self.mask_mode == "structured" else sample_mask
+            mask = sampler(self.seed, step, self.rates_at(step))
             self._step += 1
             self._mask = mask
             self._counted_steps += 1
@@ -490,6 +492,11 @@ class DropBPHandle:
             ValueError: If no sensitivity is given or measured, FLOPs are unknown, or the
                 allocation problem is invalid.
         """
+        if self.mask_mode == "structured":
+            raise ValueError(
+                "structured masks drop the branches below a random cut, so per-branch rates do not apply; set the "
+                "rate with handle.set_drop_rates(rate), or apply DropBP with mask='random'"
+            )
         if sensitivity is None:
             if self.sensitivities is None:
                 raise ValueError("no sensitivity given or measured; call handle.sensitivity(closure) first")
@@ -515,6 +522,7 @@ class DropBPHandle:
             "sensitivities": self.sensitivities,
             "target": self._base_rate,
             "schedule": self._schedule_spec(),
+            "mask_mode": self.mask_mode,
             "total_steps": self.total_steps,
         }
 
@@ -563,6 +571,12 @@ class DropBPHandle:
                 f"this handle follows {self._schedule_spec()!r} over {self.total_steps}; resume with the same "
                 "schedule and run length, or the masks would differ"
             )
+        saved_mode = state.get("mask_mode", "random")
+        if saved_mode != self.mask_mode:
+            raise ValueError(
+                f"DropBP state was saved with mask={saved_mode!r}, this handle draws mask={self.mask_mode!r}; resume "
+                "with the same mask mode, or the masks would differ"
+            )
         target = state.get("target")
         target = None if target is None else check_rate(target, "DropBP state's target")
         # Everything is checked: now change the handle.
@@ -578,7 +592,7 @@ class DropBPHandle:
             hook.remove()
         self._hook_handles = []
         self._forwards.replays.remove()
-        release_guards(self._zero_guards)
+        release_guards(self.model)
 
     def __repr__(self) -> str:
         return (
@@ -621,6 +635,7 @@ def apply(
     replay: bool | None = None,
     schedule: str | Callable[[int], float] | None = None,
     total_steps: int | None = None,
+    mask: Literal["random", "structured"] | None = None,
     check_ranks: bool = False,
 ) -> DropBPHandle:
     """Attach DropBP to a model.
@@ -651,6 +666,9 @@ def apply(
             or ``"linear:0.5:0"`` (``config.drop_schedule``), or a callable ``step -> rate``
             (see :meth:`DropBPHandle.set_schedule`).
         total_steps: Mask steps in the run, for the fraction-based specs.
+        mask: ``"random"`` (each branch dropped at its rate) or ``"structured"`` (every branch
+            below a random cut, so kept branches get exact gradients; see
+            :func:`dropbp.masks.sample_structured_mask`) (``config.mask``).
         check_ranks: Debug option for data-parallel runs: at every step, one all_gather
             checks that all ranks drew the same mask (they do by construction when seeds,
             rates and step counters agree).
@@ -673,7 +691,7 @@ def apply(
             compiled graph. Compiled forwards in eval mode or under ``no_grad`` are fine.
     """
     config = _merged_config(config, drop_rate=drop_rate, seed=seed, branches=branches, auto_step=auto_step,
-                            replay=replay, drop_schedule=schedule if isinstance(schedule, str) else None)
+                            replay=replay, drop_schedule=schedule if isinstance(schedule, str) else None, mask=mask)
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing can be compiled yet
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         raise ValueError(COMPILE_REFUSED)
@@ -682,7 +700,8 @@ def apply(
     if find_handle(model) is not None:
         raise ValueError("DropBP is already applied to this model; call handle.remove() before applying again")
     handle = _attach(model, config.branches, seed=config.seed, auto_step=config.auto_step,
-                     drop_rate=config.drop_rate, check_ranks=check_ranks, replay=config.replay)
+                     drop_rate=config.drop_rate, check_ranks=check_ranks, replay=config.replay,
+                     mask_mode=config.mask)
     handle.config = config
     try:
         handle.set_schedule(schedule if callable(schedule) else config.drop_schedule, total_steps)

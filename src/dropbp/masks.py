@@ -1,4 +1,4 @@
-"""Stateless, variance-reduced sampling of per-step drop masks.
+"""Stateless sampling of per-step drop masks: random (variance-reduced) or structured.
 
 A mask is a pure function of ``(seed, step, rates)``. Every data-parallel rank that
 shares the seed and the step counter draws the same mask without communicating, a run
@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator, Sequence
+from fractions import Fraction
 
 from dropbp.validation import check_rates
 
-__all__ = ["sample_mask"]
+__all__ = ["MASK_MODES", "sample_mask", "sample_structured_mask"]
+
+#: The mask modes: ``"random"`` (:func:`sample_mask`) and ``"structured"`` (:func:`sample_structured_mask`).
+MASK_MODES = ("random", "structured")
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64 increment (2**64 / golden ratio, odd)
@@ -143,3 +147,47 @@ def sample_mask(seed: int, step: int, rates: Sequence[float]) -> list[bool]:
             mask[index] = True
         start = end
     return mask
+
+
+def sample_structured_mask(seed: int, step: int, rates: Sequence[float]) -> list[bool]:
+    """Draw a structured drop mask: every branch below a random cut is dropped, none above it.
+
+    With branches in execution order, no dropped branch lies above a kept one, so every kept
+    branch gets its exact gradient (a random mask gives a kept branch the gradient of a model
+    whose dropped branches above it are missing from the backward). The price: the lower a
+    branch, the less often it is trained. The cut is uniform over a range centred on
+    ``p * n``, where ``p`` is the mean of ``rates`` (per-branch rates only set that mean), so
+    on average a fraction ``p`` of the branches is dropped (within ``1 / (2n)`` at the ends).
+
+    The algorithm, exactly (``n = len(rates)``; steps 1-2 and ``next64`` as in :func:`sample_mask`):
+
+    1. ``state`` from ``(seed, step)``, then ``u = (next64() >> 11) * 2**-53``.
+    2. ``p = sum(rates) / n``; ``lo = max(0, 2p - 1)``, ``hi = min(1, 2p)``.
+    3. ``k = floor((lo + u * (hi - lo)) * n + 1/2)`` in exact rational arithmetic.
+    4. Branch ``i`` is dropped iff ``i < k``.
+
+    Args:
+        seed: Run seed shared by all ranks (any integer; used modulo ``2**64``).
+        step: Zero-based step counter.
+        rates: Per-branch drop rates, each in ``[0, 1)``; only their mean matters.
+
+    Returns:
+        One bool per branch, True where the branch's backward is dropped.
+
+    Raises:
+        ValueError: As :func:`sample_mask`.
+    """
+    rates = check_rates(rates)
+    seed = _as_int(seed, "seed")
+    step = _as_int(step, "step")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    n = len(rates)
+    if n == 0:
+        return []
+    stream = _splitmix64(_mix(seed & _MASK64, step))
+    u = Fraction(next(stream) >> 11, 1 << 53)
+    p = sum(map(Fraction, rates)) / n
+    lo, hi = max(Fraction(0), 2 * p - 1), min(Fraction(1), 2 * p)
+    cut = int((lo + u * (hi - lo)) * n + Fraction(1, 2))  # floor: the value is >= 0
+    return [i < cut for i in range(n)]

@@ -544,6 +544,32 @@ def check(
     return report
 
 
+def _structured_mask_is_exact(model: nn.Module, handle: Any, inputs: Any, seed: int,
+                              reference_grads: list) -> CheckResult:
+    """With the lower half of the branches dropped (a structured mask), the upper half's gradients are exact.
+
+    Informational: where they are not (a later branch's parameters also act below the cut), structured
+    masks still train as DropBP does (the detach reference), only without their advantage, so the row
+    is "not applicable" rather than failed.
+    """
+    count = len(handle.branches)
+    cut = count // 2
+    handle.set_mask([i < cut for i in range(count)])
+    _, grads = _grads(model, inputs, seed)
+    handle.set_mask([False] * count)
+    params = [p for p in model.parameters() if p.requires_grad]
+    index = {id(p): i for i, p in enumerate(params)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = [p for b in handle.branches[cut:] for p in b.parameters() if id(p) in index]
+    wrong = [p for p in kept if _differs(grads[index[id(p)]], reference_grads[index[id(p)]], exact=False)]
+    if wrong:
+        return CheckResult("structured masks", None, f"not exact here: with the lowest {cut} of {count} branches "
+                                                     f"dropped, {names[id(wrong[0])]} above them gets a gradient "
+                                                     "that differs from the full backward's; prefer mask='random'")
+    return CheckResult("structured masks", True, f"with the lowest {cut} of {count} branches dropped, the "
+                                                 f"{len(kept)} parameter gradients above them equal the full backward's")
+
+
 def _generate(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor | None:
     try:
         with torch.no_grad():
@@ -602,6 +628,7 @@ def _run_checks(report: CheckReport, model: nn.Module, handle: Any, inputs: Any,
                   "equal the detach reference")
     results.append(CheckResult("dropped branches", not leaked and not wrong, detail))
 
+    results.append(_structured_mask_is_exact(model, handle, inputs, seed, reference_grads))
     results.append(check_residual_stream(model, handle, inputs, seed=seed))
     results.append(_no_residual_inside(model, handle, inputs, seed))
     handle.set_mask([False] * count)

@@ -26,15 +26,19 @@ forward under the engine (the Trainer callback refuses the ZeRO-3 cases at train
 - Sensitivity under ZeRO-3 (parameters are partitioned; ``torch.autograd.grad`` cannot see
   them whole). ZeRO-1/2 keep whole parameters on every rank and are measured exactly.
 
-The engine is found on the call stack of the training forward (DeepSpeed calls the model
-from ``DeepSpeedEngine.forward``), so this works the same whether the engine was built by
+Two ways in. Explicitly, ``dropbp.zero.guard(engine)`` right after ``deepspeed.initialize``
+refuses what cannot be exact and installs the step wrapper at once. Otherwise the engine is
+found on the call stack of the first training forward (DeepSpeed calls the model from
+``DeepSpeedEngine.forward``), so this works the same whether the engine was built by
 ``deepspeed.initialize``, Accelerate or the Hugging Face Trainer, and whether
-:func:`dropbp.apply` ran before or after it.
+:func:`dropbp.apply` ran before or after it. ``handle.remove()`` restores the optimizers'
+own ``step`` either way.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +51,7 @@ from dropbp.errors import DropBPError
 
 __all__ = [
     "SENSITIVITY_THROUGH_ENGINE_REFUSED", "ZERO3_NON_REENTRANT_REFUSED", "ZERO3_SENSITIVITY_REFUSED", "active_engine",
-    "guard_engine", "is_zero3_model", "refuse_zero3", "release_guards",
+    "guard", "guard_engine", "is_zero3_model", "refuse_zero3", "release_guards",
 ]
 
 _STACK_DEPTH = 40  # DeepSpeedEngine.forward is a few frames above the model's forward hooks
@@ -153,17 +157,41 @@ class _ZeroingStep:
             del self.optimizer.step
 
 
-def guard_engine(engine: Any, model: nn.Module, auto_step: bool) -> _ZeroingStep | None:
-    """Refuse what cannot be exact under ``engine``; make the rest exact.
+#: The step wrappers installed, per module the engine runs; a weak key, so no model is kept alive.
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def guard(engine: Any, auto_step: bool | None = None) -> None:
+    """Make DropBP exact under a DeepSpeed engine now, or refuse it (the explicit form of the detection).
+
+    Call it after ``deepspeed.initialize`` (DropBP may be applied before or after). Without
+    it, the same happens at the first training forward through the engine.
+
+    Args:
+        engine: The ``DeepSpeedEngine``.
+        auto_step: The handle's ``auto_step``, if known: optimizer offload with gradient
+            accumulation is refused with a new mask per micro-batch. None leaves that one
+            check to the first training forward, which knows the handle.
+
+    Raises:
+        DropBPError: For the combinations listed in the module docstring.
+        ValueError: If ``engine`` is not a DeepSpeed engine.
+    """
+    if not callable(getattr(engine, "zero_optimization_stage", None)) or not isinstance(
+        getattr(engine, "module", None), nn.Module
+    ):
+        raise ValueError(f"dropbp.zero.guard needs the engine deepspeed.initialize returned, got {type(engine).__name__}")
+    guard_engine(engine, engine.module, auto_step=bool(auto_step), check_accumulation=auto_step is not None)
+
+
+def guard_engine(engine: Any, model: nn.Module, auto_step: bool, check_accumulation: bool = True) -> None:
+    """Refuse what cannot be exact under ``engine``; make the rest exact (see :func:`guard`).
 
     Args:
         engine: The ``DeepSpeedEngine`` running ``model``.
         model: The module DropBP is applied to.
         auto_step: Whether every micro-batch samples its own mask.
-
-    Returns:
-        The step wrapper installed on the engine's ZeRO optimizer (to undo on ``remove()``),
-        or None where nothing was needed.
+        check_accumulation: Check ``auto_step`` against offload with gradient accumulation.
 
     Raises:
         DropBPError: For the combinations listed in the module docstring.
@@ -180,7 +208,7 @@ def guard_engine(engine: Any, model: nn.Module, auto_step: bool) -> _ZeroingStep
             "DropBP cannot zero the gradients DeepSpeed swaps to NVMe, so dropped parameters would reuse a stale "
             "gradient; offload the optimizer to the CPU (offload_optimizer.device='cpu') or not at all"
         )
-    if offload and auto_step and engine.gradient_accumulation_steps() > 1:
+    if check_accumulation and offload and auto_step and engine.gradient_accumulation_steps() > 1:
         raise DropBPError(
             "DeepSpeed optimizer offload keeps a parameter's gradient only from the last micro-batch it got one in, "
             "so a new DropBP mask per micro-batch loses gradients under gradient accumulation; use one mask per "
@@ -188,17 +216,21 @@ def guard_engine(engine: Any, model: nn.Module, auto_step: bool) -> _ZeroingStep
             "handle.step() before each optimizer step"
         )
     if optimizer is None or (stage < 3 and not offload):
-        return None  # ZeRO-0/1/2 without offload leave a parameter without gradient at zero
-    existing = optimizer.__dict__.get("step")
-    if isinstance(existing, _ZeroingStep):
-        return existing
+        return  # ZeRO-0/1/2 without offload leave a parameter without gradient at zero
+    if isinstance(optimizer.__dict__.get("step"), _ZeroingStep):
+        return
     wrapper = _ZeroingStep(optimizer, _stale_gradient_buffers(optimizer, stage, offload))
     optimizer.step = wrapper
-    return wrapper
+    _GUARDS.setdefault(engine.module, []).append(wrapper)
 
 
-def release_guards(guards: list[_ZeroingStep]) -> None:
-    """Restore the ZeRO optimizers' own ``step`` (``handle.remove()``)."""
-    for guard in guards:
-        guard.restore()
-    guards.clear()
+def release_guards(model: nn.Module) -> None:
+    """Restore the own ``step`` of the ZeRO optimizers guarded for ``model`` (``handle.remove()``).
+
+    The guards of every engine whose module is ``model``, holds it or is held by it.
+    """
+    inside = set(map(id, model.modules()))
+    for module in list(_GUARDS.keys()):
+        if id(module) in inside or any(m is model for m in module.modules()):
+            for wrapper in _GUARDS.pop(module):
+                wrapper.restore()

@@ -122,3 +122,21 @@ def test_drop_schedule_reaches_the_masks_and_the_run_folder(model_dir, tmp_path)
     assert records[0]["drop_rate"] > 0.0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["dropbp"]["drop_schedule"] == "cooldown:0.5"
+
+
+def test_structured_masks_reach_the_run(model_dir, tmp_path):
+    from dropbp.masks import sample_structured_mask
+
+    records = run(model_dir, tmp_path / "run", "--mask", "structured", "--sensitivity-at", "none", "--seed", "3")
+    branches = 4  # 2 layers x (attention, MLP)
+    expected = [sum(sample_structured_mask(3, t, [0.5] * branches)) / branches for t in range(len(records))]
+    assert [r["drop_rate"] for r in records] == expected
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dropbp"]["mask"] == "structured"
+
+
+def test_structured_masks_with_sensitivity_are_a_one_line_error(model_dir, tmp_path, capsys):
+    assert main(["finetune", "--model", str(model_dir), "--output-dir", str(tmp_path / "run"), "--mask", "structured",
+                 "--sensitivity-at", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass sensitivity_at=None" in err and "\n" not in err

@@ -44,9 +44,13 @@ def test_mean_rate_of_a_schedule():
 
 
 def test_quick_run_writes_the_table_and_the_plot(tmp_path):
-    record = quality.main(["--quick", "--arms", "baseline,p0.5,cooldown", "--fit-budget", "--out", str(tmp_path)])
+    record = quality.main(["--quick", "--arms", "baseline,p0.5,cooldown,structured0.5", "--fit-budget",
+                           "--out", str(tmp_path)])
     assert record["written"] == ["time_to_quality.json", "time_to_quality.md", "time_to_quality.png"]
-    assert set(record["measures"]) == {"baseline", "p0.5", "cooldown", "p0.5@budget", "cooldown@budget"}
+    assert set(record["measures"]) == {"baseline", "p0.5", "cooldown", "structured0.5", "p0.5@budget",
+                                       "cooldown@budget", "structured0.5@budget"}
+    assert set(record["speed"]["speedup"]) == {"0.5", "0.5 structured"}
+    assert record["measures"]["structured0.5"][0]["steps"] == 4
     line = record["speed"]["line"]  # the budget run's length follows the measured line (timing: not asserted > 4)
     expected = max(4, round(4 * line["t0_s"] / (line["t0_s"] + line["slope_s"] * 0.5)))
     assert record["measures"]["p0.5@budget"][0]["steps"] == expected

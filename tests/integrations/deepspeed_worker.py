@@ -86,6 +86,11 @@ def build(setting: dict):
     config = engine_config(setting["stage"], setting.get("ga", 1), setting.get("offload", False),
                            setting.get("bf16", False))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if setting.get("guard") == "explicit":  # dropbp.zero.guard right after initialize, before any forward
+        from dropbp.zero import _ZeroingStep
+
+        dropbp.zero.guard(engine, auto_step=apply["auto_step"])
+        assert isinstance(engine.optimizer.__dict__.get("step"), _ZeroingStep), "guard() installed no zeroing step"
     if handle is None:
         handle = dropbp.apply(engine.module, **apply)
     return model, handle, engine

@@ -29,6 +29,7 @@ EXACT_SETTINGS = [
     {"stage": 3, "ga": 2, "order": "after"},
     {"stage": 3, "ga": 2, "checkpointing": "reentrant"},
     {"stage": 3, "offload": True},
+    {"stage": 3, "offload": True, "guard": "explicit"},
     {"stage": 3, "ga": 2, "offload": True, "auto_step": False},
     {"stage": 2, "offload": True},
     {"stage": 2, "ga": 2, "offload": True, "auto_step": False},
@@ -105,6 +106,8 @@ REFUSED = {
     "zero3-non-reentrant-checkpointing": ({"stage": 3, "checkpointing": "non-reentrant"}, "use_reentrant': True"),
     "offload-accumulation-mask-per-micro-batch": ({"stage": 3, "ga": 2, "offload": True}, "auto_step=False"),
     "zero2-offload-accumulation-mask-per-micro-batch": ({"stage": 2, "ga": 2, "offload": True}, "auto_step=False"),
+    "explicit-guard-offload-accumulation": ({"stage": 2, "ga": 2, "offload": True, "guard": "explicit"},
+                                            "auto_step=False"),
     "zero3-sensitivity": ({"stage": 3, "sensitivity": True}, "ZeRO-3 partitions the parameters"),
 }
 

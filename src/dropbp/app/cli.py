@@ -21,7 +21,7 @@ from dropbp.errors import DropBPError
 # DropBPConfig fields offered on the command line (the rest are Python-only).
 _DROPBP_OPTIONS = (
     "drop_rate", "drop_schedule", "max_rate", "sensitivity_at", "sensitivity_batches", "sensitivity_examples",
-    "allocation",
+    "allocation", "mask",
 )
 # FinetuneConfig fields that are not plain options.
 _SPECIAL = {"dropbp", "use_dropbp", "overwrite"}

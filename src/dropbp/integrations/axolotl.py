@@ -39,6 +39,7 @@ __all__ = ["DropBPArgs", "DropBPPlugin", "dropbp_config"]
 _KEYS = {
     "dropbp_drop_rate": "drop_rate",
     "dropbp_drop_schedule": "drop_schedule",
+    "dropbp_mask": "mask",
     "dropbp_sensitivity_at": "sensitivity_at",
     "dropbp_max_rate": "max_rate",
     "dropbp_seed": "seed",
@@ -90,6 +91,7 @@ class DropBPArgs(BaseModel):
 
     dropbp_drop_rate: float = Field(default=0.5, json_schema_extra={"description": _help("drop_rate")})
     dropbp_drop_schedule: str = Field(default="constant", json_schema_extra={"description": _help("drop_schedule")})
+    dropbp_mask: str = Field(default="random", json_schema_extra={"description": _help("mask")})
     dropbp_sensitivity_at: float | None = Field(
         default=None, json_schema_extra={"description": _help("sensitivity_at")}
     )
