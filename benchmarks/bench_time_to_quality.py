@@ -15,6 +15,11 @@ What it runs
     of as many steps as the baseline's clock buys at the arm's mean rate (``t(0) / t(mean p)`` times
     the baseline's steps, the schedule stretched to that length).
 
+Memory-bound users (``--arms baseline,p0.875,checkpointing,micro-batches4``): where the sequence does not
+fit, the alternatives to DropBP at a high rate are gradient checkpointing and the step's examples in
+smaller micro-batches with accumulation; those arms are timed in the same interleaved rounds, and the
+table gives every arm's activations held for backward beside its time to quality.
+
 What it reports, per arm (each seed, and the mean where there are several)
     * the training clock (optimizer steps plus any sensitivity measurement, no evaluations) at which
       the arm's held-out loss first reaches the baseline's at 50%, 75% and 100% of the baseline's
@@ -37,6 +42,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +54,42 @@ from dropbp.app.finetune import FinetuneConfig, run_finetune
 from dropbp.config import DropBPConfig
 from dropbp.schedules import parse_schedule
 
-#: name -> (drop rate, schedule, mask mode); None is the baseline. Every schedule in the library is an arm.
-ARMS: dict[str, tuple[float, str, str] | None] = {
-    "baseline": None,
-    "p0.25": (0.25, "constant", "random"),
-    "p0.5": (0.5, "constant", "random"),
-    "p0.75": (0.75, "constant", "random"),
-    "warmup": (0.5, "warmup:0.2", "random"),
-    "cooldown": (0.5, "cooldown:0.2", "random"),
-    "linear0.5": (0.5, "linear:0.5:0", "random"),
-    "cosine0.5": (0.5, "cosine:0.5:0", "random"),
-    "linear0.75": (0.75, "linear:0.75:0", "random"),
-    "cosine0.75": (0.75, "cosine:0.75:0", "random"),
-    "structured0.25": (0.25, "constant", "structured"),
-    "structured0.5": (0.5, "constant", "structured"),
-    "structured0.75": (0.75, "constant", "structured"),
-    "structured-linear0.5": (0.5, "linear:0.5:0", "structured"),
-    "structured-linear0.75": (0.75, "linear:0.75:0", "structured"),
+@dataclass(frozen=True)
+class Arm:
+    """One way to train the job: DropBP at ``rate`` (None: no DropBP), or a memory-saving baseline."""
+
+    rate: float | None = None
+    schedule: str = "constant"
+    mask: str = "random"
+    checkpointing: bool = False  # gradient checkpointing (non-reentrant)
+    micro_batches: int = 1  # the step's examples in this many micro-batches, accumulated
+
+    @property
+    def dropbp(self) -> bool:
+        return self.rate is not None
+
+
+#: Every schedule and mask mode in the library is an arm; the last three are the memory-bound comparison
+#: (item 5 of issue 21): what a user whose sequence does not fit would do instead of DropBP at a high rate.
+ARMS: dict[str, Arm] = {
+    "baseline": Arm(),
+    "p0.25": Arm(0.25),
+    "p0.5": Arm(0.5),
+    "p0.75": Arm(0.75),
+    "warmup": Arm(0.5, "warmup:0.2"),
+    "cooldown": Arm(0.5, "cooldown:0.2"),
+    "linear0.5": Arm(0.5, "linear:0.5:0"),
+    "cosine0.5": Arm(0.5, "cosine:0.5:0"),
+    "linear0.75": Arm(0.75, "linear:0.75:0"),
+    "cosine0.75": Arm(0.75, "cosine:0.75:0"),
+    "structured0.25": Arm(0.25, mask="structured"),
+    "structured0.5": Arm(0.5, mask="structured"),
+    "structured0.75": Arm(0.75, mask="structured"),
+    "structured-linear0.5": Arm(0.5, "linear:0.5:0", "structured"),
+    "structured-linear0.75": Arm(0.75, "linear:0.75:0", "structured"),
+    "p0.875": Arm(0.875),
+    "checkpointing": Arm(checkpointing=True),
+    "micro-batches4": Arm(micro_batches=4),
 }
 FRACTIONS = (0.5, 0.75, 1.0)  # of the baseline's run: its held-out loss there is a target
 CLOCKS = (0.25, 0.5, 0.75, 1.0)  # of the baseline's training clock: every arm's held-out loss there
@@ -114,16 +139,18 @@ def curves(history: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], li
     return [(r["step"], r["heldout_loss"]) for r in points], [(r["wall_time_s"], r["heldout_loss"]) for r in points]
 
 
-def modelled(history: list[dict[str, Any]], line: dict[str, float]) -> list[dict[str, Any]]:
+def modelled(history: list[dict[str, Any]], line: dict[str, float], step_s: float | None = None
+             ) -> list[dict[str, Any]]:
     """The history with ``wall_time_s`` replaced by the modelled clock: every step timed by the
-    interleaved line ``t0 + slope * p`` at the fraction ``p`` of branches it dropped.
+    interleaved line ``t0 + slope * p`` at the fraction ``p`` of branches it dropped, or by
+    ``step_s`` (a memory arm's interleaved step time).
 
     Sequential runs on a shared machine drift (a later run's steps can be slower at a lower rate);
     the line was measured interleaved, so every arm's clock comes from the same conditions.
     """
     clock, out = 0.0, []
     for record in history:
-        clock += line["t0_s"] + line["slope_s"] * record["drop_rate"]
+        clock += step_s if step_s is not None else line["t0_s"] + line["slope_s"] * record["drop_rate"]
         out.append({**record, "wall_time_s": clock})
     return out
 
@@ -137,11 +164,12 @@ def _time_to(clock: list[tuple[float, float]], base_clock: list[tuple[float, flo
     return ratios
 
 
-def measure(arm: dict[str, Any], base: dict[str, Any], line: dict[str, float] | None = None) -> dict[str, Any]:
+def measure(arm: dict[str, Any], base: dict[str, Any], line: dict[str, float] | None = None,
+            step_s: float | None = None) -> dict[str, Any]:
     """The report's figures for one run against the baseline run of the same seed.
 
     With ``line`` (the interleaved step-time line), the clock figures are also given on the
-    modelled clock (see :func:`modelled`).
+    modelled clock (see :func:`modelled`; ``step_s`` for a memory arm).
     """
     base_steps, base_clock = curves(base["history"])
     steps, clock = curves(arm["history"])
@@ -151,7 +179,7 @@ def measure(arm: dict[str, Any], base: dict[str, Any], line: dict[str, float] | 
     extra: dict[str, Any] = {}
     if line is not None:
         _, base_model = curves(modelled(base["history"], line))
-        _, arm_model = curves(modelled(arm["history"], line))
+        _, arm_model = curves(modelled(arm["history"], line, step_s))
         extra = {"modelled_time_to_target_ratio": _time_to(arm_model, base_model, targets),
                  "modelled_heldout_at_clock": {str(c): value_at(arm_model, c * base_model[-1][0]) for c in CLOCKS}}
     return {
@@ -166,6 +194,7 @@ def measure(arm: dict[str, Any], base: dict[str, Any], line: dict[str, float] | 
         "step_worth_bound": worth_step is None,  # the arm ended above the baseline's first evaluation
         "accuracy": arm["summary"]["after"]["accuracy"],
         "median_step_time_s": arm["summary"]["median_step_time_s"],
+        "activation_bytes": statistics.median(r.get("activation_bytes", 0) for r in arm["history"]),
     }
 
 
@@ -179,11 +208,17 @@ def mean_rate(rate: float, schedule: str, steps: int) -> float:
 def job_config(args: argparse.Namespace, model: str | None, arm: str, seed: int, steps: int, folder: Path,
                **scale: Any) -> FinetuneConfig:
     setting = ARMS[arm]
-    rate, schedule, mask = setting if setting is not None else (0.5, "constant", "random")
+    if setting.micro_batches > 1:
+        size = scale.pop("batch_size", FinetuneConfig.batch_size)
+        if size % setting.micro_batches:
+            raise ValueError(f"arm {arm}: a batch of {size} does not split into {setting.micro_batches} micro-batches")
+        scale = {**scale, "batch_size": size // setting.micro_batches, "grad_accum": setting.micro_batches}
     return FinetuneConfig(
         model=model, method=args.method, max_steps=steps, lr=args.lr, seed=seed, eval_every=args.eval_every,
-        output_dir=str(folder), overwrite=True, use_dropbp=setting is not None, device=args.device, dtype=args.dtype,
-        dropbp=DropBPConfig(drop_rate=rate, drop_schedule=schedule, seed=seed, sensitivity_at=None, mask=mask),
+        output_dir=str(folder), overwrite=True, use_dropbp=setting.dropbp, device=args.device, dtype=args.dtype,
+        gradient_checkpointing=setting.checkpointing,
+        dropbp=DropBPConfig(drop_rate=setting.rate if setting.dropbp else 0.5, drop_schedule=setting.schedule,
+                            seed=seed, sensitivity_at=None, mask=setting.mask),
         **scale)
 
 
@@ -199,11 +234,13 @@ def run_one(config: FinetuneConfig, reuse: bool, log: Callable[[str], None]) -> 
 
 
 def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
-               structured: list[float] = ()) -> dict[str, Any]:
+               structured: list[float] = (), memory: list[str] = ()) -> dict[str, Any]:
     """Median step time of the job's model and first batch at each rate, interleaved with rate 0.
 
     ``structured``: rates also timed with structured masks (their speedups are reported; the line
-    ``t(p)`` is fitted to the random-mask rates, by the fraction of branches dropped).
+    ``t(p)`` is fitted to the random-mask rates, by the fraction of branches dropped). ``memory``:
+    names of memory-saving baseline arms (checkpointing, micro-batches), timed the same way; their
+    medians time every step of their runs on the modelled clock.
     """
     import dropbp
     from dropbp.app.data import collate, tokenize_example
@@ -222,13 +259,20 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
     handle = dropbp.apply(model, drop_rate=0.0, seed=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-    def step_at(rate: float, mask: str = "random") -> Callable[[int], None]:
+    def step_at(rate: float, mask: str = "random", arm: Arm = Arm()) -> Callable[[int], None]:
         def step(_: int) -> None:
             handle.mask_mode = mask
             handle.set_drop_rates(rate)
-            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                loss = model(**batch).loss
-            loss.backward()
+            if arm.checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            size = len(batch["input_ids"]) // arm.micro_batches
+            for start in range(0, len(batch["input_ids"]), size):
+                micro = {k: v[start : start + size] for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    loss = model(**micro).loss / arm.micro_batches
+                loss.backward()
+            if arm.checkpointing:
+                model.gradient_checkpointing_disable()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -242,6 +286,9 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
     for rate in structured:
         variants[f"p{rate:g} structured"] = step_at(rate, "structured")
         variants[f"p0 ({rate:g} structured)"] = step_at(0.0)
+    for name in memory:
+        variants[name] = step_at(0.0, arm=ARMS[name])
+        variants[f"p0 ({name})"] = step_at(0.0)
     times = interleaved(variants, rounds, warmup=1, label="speed round")
     handle.remove()
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -252,7 +299,16 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
                for r in rates}
     speedup.update({f"{r:g} structured": statistics.median(
         b / t for b, t in zip(times[f"p0 ({r:g} structured)"], times[f"p{r:g} structured"])) for r in structured})
-    return {"median_s": medians, "speedup": speedup, "line": {"t0_s": base, "slope_s": slope}}
+    speedup.update({name: statistics.median(b / t for b, t in zip(times[f"p0 ({name})"], times[name]))
+                    for name in memory})
+    # On the modelled clock a memory arm's step takes the baseline's time over its measured speedup.
+    arm_s = {name: base / speedup[name] for name in memory}
+    return {"median_s": medians, "speedup": speedup, "line": {"t0_s": base, "slope_s": slope}, "arm_s": arm_s}
+
+
+def _arm_step_s(speed: dict[str, Any], name: str) -> float | None:
+    """A memory arm's modelled step time (None for DropBP arms and the baseline, which follow the line)."""
+    return speed.get("arm_s", {}).get(name)
 
 
 def _device_name(device: str) -> str:
@@ -273,6 +329,12 @@ def _mean(values: list[float | None]) -> float | None:
     return None if len(known) < len(values) or not known else sum(known) / len(known)
 
 
+def _activations(per_seed: list[dict[str, Any]]) -> str:
+    """Median activations held for backward per step (MiB), mean over seeds; runs from before it was kept: -."""
+    known = [r["activation_bytes"] for r in per_seed if "activation_bytes" in r]
+    return f"{sum(known) / len(known) / 2**20:.0f}" if known else "-"
+
+
 def _cell(value: float | None, fmt: str = ".3f") -> str:
     return "not reached" if value is None else format(value, fmt)
 
@@ -288,7 +350,7 @@ def report(record: dict[str, Any]) -> str:
         "",
         "## Step speedup, measured interleaved in this run",
         "",
-        "| drop rate | step time / baseline's | speedup |",
+        "| drop rate (or memory arm) | step time / baseline's | speedup |",
         "| --- | ---: | ---: |",
     ]
     for rate, speedup in record["speed"]["speedup"].items():
@@ -302,8 +364,8 @@ def report(record: dict[str, Any]) -> str:
         "of a step (baseline steps to the arm's final loss / the arm's steps); accuracy after training.",
         "",
         "| arm | steps | clock to 50% | to 75% | to 100% | held-out @50% clock | @100% clock | final held-out | "
-        "step worth | accuracy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "step worth | accuracy | activations (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, per_seed in rows.items():
         m = list(per_seed.values())
@@ -315,7 +377,7 @@ def report(record: dict[str, Any]) -> str:
             f"{_cell(ratio['1.0'], '.2f')} | {_mean([r['heldout_at_clock']['0.5'] for r in m]):.3f} | "
             f"{_mean([r['heldout_at_clock']['1.0'] for r in m]):.3f} | {_mean([r['final_heldout'] for r in m]):.3f} | "
             f"{'< first eval' if bound else _cell(worth, '.2f')} | "
-            f"{100 * _mean([r['accuracy'] for r in m]):.1f}% |")
+            f"{100 * _mean([r['accuracy'] for r in m]):.1f}% | {_activations(m)} |")
     if all("modelled_time_to_target_ratio" in r for per_seed in rows.values() for r in per_seed.values()):
         lines += [
             "",
@@ -361,7 +423,8 @@ def rewrite_report(out: Path, runs_dir: Path) -> dict[str, Any]:
     results = {name: {int(seed): run_one(FinetuneConfig(output_dir=str(runs_dir / f"{name}_s{seed}_{steps}")),
                                          True, lambda _: None)
                       for seed in per_seed} for name, per_seed in record["measures"].items()}
-    record["measures"] = {name: {seed: measure(r, results["baseline"][seed], record["speed"]["line"])
+    record["measures"] = {name: {seed: measure(r, results["baseline"][seed], record["speed"]["line"],
+                                               _arm_step_s(record["speed"], name))
                                  for seed, r in per_seed.items()} for name, per_seed in results.items()}
     Run.write(out, "time_to_quality", record, report(record))
     plot(record, {name: {seed: r["history"] for seed, r in per_seed.items()} for name, per_seed in results.items()},
@@ -391,16 +454,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                + ("a tiny random model (--quick: checks the pipeline, not the numbers)" if args.quick
                   else "the bundled SmolLM2-135M-Instruct and data"))
         say(f"time to quality: {job}")
-        rates = sorted({ARMS[a][0] for a in args.arms if ARMS[a] is not None})
-        structured = sorted({ARMS[a][0] for a in args.arms if ARMS[a] is not None and ARMS[a][2] == "structured"})
+        rates = sorted({ARMS[a].rate for a in args.arms if ARMS[a].dropbp})
+        structured = sorted({ARMS[a].rate for a in args.arms if ARMS[a].dropbp and ARMS[a].mask == "structured"})
+        memory = [a for a in args.arms if not ARMS[a].dropbp and a != "baseline"]
         speed = step_times(job_config(args, model, "baseline", 0, args.steps, runs_dir / "speed", **scale), rates,
-                           args.speed_rounds, structured)
+                           args.speed_rounds, structured, memory)
         plan = [(arm, arm, args.steps) for arm in args.arms]
         if args.fit_budget:
             for arm in args.arms:
-                if ARMS[arm] is None:
+                if not ARMS[arm].dropbp:
                     continue
-                rate, schedule, _ = ARMS[arm]
+                rate, schedule = ARMS[arm].rate, ARMS[arm].schedule
                 line = speed["line"]
                 per_step = line["t0_s"] + line["slope_s"] * mean_rate(rate, schedule, args.steps)
                 plan.append((f"{arm}@budget", arm, max(args.steps, round(args.steps * line["t0_s"] / per_step))))
@@ -412,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 config = job_config(args, model, arm, seed, steps, folder, **scale)
                 results.setdefault(name, {})[seed] = run_one(config, args.reuse, say)
                 histories.setdefault(name, {})[seed] = results[name][seed]["history"]
-        measures = {name: {seed: measure(r, results["baseline"][seed], speed["line"]) for seed, r in per_seed.items()}
+        measures = {name: {seed: measure(r, results["baseline"][seed], speed["line"], _arm_step_s(speed, name))
+                           for seed, r in per_seed.items()}
                     for name, per_seed in results.items()}
         run.finish()
         record = {

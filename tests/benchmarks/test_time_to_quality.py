@@ -44,12 +44,17 @@ def test_mean_rate_of_a_schedule():
 
 
 def test_quick_run_writes_the_table_and_the_plot(tmp_path):
-    record = quality.main(["--quick", "--arms", "baseline,p0.5,cooldown,structured0.5", "--fit-budget",
-                           "--out", str(tmp_path)])
+    record = quality.main(["--quick", "--arms", "baseline,p0.5,cooldown,structured0.5,checkpointing,micro-batches4",
+                           "--fit-budget", "--out", str(tmp_path)])
     assert record["written"] == ["time_to_quality.json", "time_to_quality.md", "time_to_quality.png"]
-    assert set(record["measures"]) == {"baseline", "p0.5", "cooldown", "structured0.5", "p0.5@budget",
-                                       "cooldown@budget", "structured0.5@budget"}
-    assert set(record["speed"]["speedup"]) == {"0.5", "0.5 structured"}
+    assert set(record["measures"]) == {"baseline", "p0.5", "cooldown", "structured0.5", "checkpointing",
+                                       "micro-batches4", "p0.5@budget", "cooldown@budget", "structured0.5@budget"}
+    assert set(record["speed"]["speedup"]) == {"0.5", "0.5 structured", "checkpointing", "micro-batches4"}
+    # The memory arms hold fewer activations than the baseline and train the same examples per step.
+    activations = {name: per_seed[0]["activation_bytes"] for name, per_seed in record["measures"].items()}
+    assert activations["checkpointing"] < activations["baseline"]
+    assert activations["micro-batches4"] < activations["baseline"]
+    assert record["speed"]["arm_s"].keys() == {"checkpointing", "micro-batches4"}
     assert record["measures"]["structured0.5"][0]["steps"] == 4
     line = record["speed"]["line"]  # the budget run's length follows the measured line (timing: not asserted > 4)
     expected = max(4, round(4 * line["t0_s"] / (line["t0_s"] + line["slope_s"] * 0.5)))
