@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "FSDP1_SENSITIVITY_REFUSED", "assert_same_on_all_ranks", "average_over_ranks", "fsdp_modules", "gathered",
+    "assert_same_on_all_ranks", "average_over_ranks", "fsdp_modules", "gathered",
     "release_group", "require_find_unused",
 ]
 
@@ -132,12 +132,6 @@ def fsdp_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     modules = list(model.modules())
     return ([m for m in modules if v1 and isinstance(m, v1)], [m for m in modules if v2 and isinstance(m, v2)])
 
-
-FSDP1_SENSITIVITY_REFUSED = (
-    "sensitivity needs each parameter's own gradient, and FSDP1 flattens parameters into shards: measure it "
-    "before wrapping (handle.sensitivity on the unwrapped model, then carry the rates over with "
-    "handle.state_dict), use FSDP2 (fully_shard), or train with uniform rates (DropBPCallback(sensitivity_at=None))"
-)
 
 
 @contextlib.contextmanager

@@ -30,19 +30,13 @@ from dropbp.checkpointing import (
     rng_state,
 )
 from dropbp.distributed import require_find_unused
-from dropbp.errors import DropBPError
-from dropbp.zero import SENSITIVITY_THROUGH_ENGINE_REFUSED, active_engine, guard_engine
+from dropbp.errors import COMPILE_REFUSED, SENSITIVITY_THROUGH_ENGINE_REFUSED, DropBPError
+from dropbp.zero import active_engine, guard_engine
 
 if TYPE_CHECKING:
     from dropbp.handle import DropBPHandle
 
-__all__ = ["COMPILE_REFUSED", "Forwards", "refuse_compile"]
-
-COMPILE_REFUSED = (
-    "DropBP does not support torch.compile for training: a compiled graph fixes which branches build a "
-    "backward, so it would either recompile for every new mask or compute wrong gradients; train the model "
-    "uncompiled (HF Trainer: torch_compile=False), or call handle.remove() before compiling"
-)
+__all__ = ["Forwards", "refuse_compile"]
 
 
 def refuse_compile() -> None:
@@ -50,7 +44,7 @@ def refuse_compile() -> None:
     from torch._dynamo.comptime import comptime
 
     def fail(ctx: Any) -> None:
-        raise RuntimeError(COMPILE_REFUSED)
+        raise DropBPError(COMPILE_REFUSED)
 
     comptime(fail)
 

@@ -19,9 +19,9 @@ from dropbp.allocation import allocate_drop_rates, flops_weighted_rate
 from dropbp.architectures import BranchSpec, branch_source, resolve_branches
 from dropbp.config import DropBPConfig
 from dropbp.distributed import assert_same_on_all_ranks, require_find_unused
-from dropbp.errors import DropBPError
+from dropbp.errors import COMPILE_REFUSED, DropBPError
 from dropbp.flops import FlopMeter
-from dropbp.forwards import COMPILE_REFUSED, Forwards
+from dropbp.forwards import Forwards
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask, sample_structured_mask
 from dropbp.schedules import DropSchedule, parse_schedule, scheduled_rates
@@ -29,7 +29,7 @@ from dropbp.sensitivity import Metric, measure_sensitivity
 from dropbp.validation import check_int, check_mask, check_nonnegative, check_rate, check_rates
 from dropbp.zero import release_guards
 
-__all__ = ["COMPILE_REFUSED", "DropBPHandle", "apply", "find_handle"]
+__all__ = ["DropBPHandle", "apply", "find_handle"]
 
 STATE_VERSION = 1
 _STATE_KEYS = ("version", "branches", "seed", "step", "drop_rates")
@@ -694,7 +694,7 @@ def apply(
                             replay=replay, drop_schedule=schedule if isinstance(schedule, str) else None, mask=mask)
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing can be compiled yet
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-        raise ValueError(COMPILE_REFUSED)
+        raise DropBPError(COMPILE_REFUSED)
     if isinstance(model, DistributedDataParallel):
         require_find_unused(model)
     if find_handle(model) is not None:

@@ -33,14 +33,9 @@ from torch import nn
 from dropbp import hooks
 from dropbp.architectures import find_config
 from dropbp.checkpointing import non_reentrant_checkpointing
-from dropbp.distributed import (
-    FSDP1_SENSITIVITY_REFUSED,
-    average_over_ranks,
-    fsdp_modules,
-    gathered,
-)
-from dropbp.errors import DropBPError
-from dropbp.zero import ZERO3_SENSITIVITY_REFUSED, is_zero3_model
+from dropbp.distributed import average_over_ranks, fsdp_modules, gathered
+from dropbp.errors import FSDP1_SENSITIVITY_REFUSED, ZERO3_SENSITIVITY_REFUSED, DropBPError
+from dropbp.zero import is_zero3_model
 
 if TYPE_CHECKING:
     from dropbp.handle import DropBPHandle
@@ -484,7 +479,7 @@ def measure_sensitivity(
     model = handle.model
     fsdp1, fsdp2 = fsdp_modules(model)
     if fsdp1:
-        raise ValueError(FSDP1_SENSITIVITY_REFUSED)
+        raise DropBPError(FSDP1_SENSITIVITY_REFUSED)
     if is_zero3_model(model):
         raise DropBPError(ZERO3_SENSITIVITY_REFUSED)
     if fsdp2 and method != "fast":

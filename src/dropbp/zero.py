@@ -47,27 +47,13 @@ from torch import nn
 
 from dropbp.callstack import calling_instance
 from dropbp.checkpointing import reentrant_checkpointing
-from dropbp.errors import DropBPError
+from dropbp.errors import ZERO3_NON_REENTRANT_REFUSED, ZERO3_SENSITIVITY_REFUSED, DropBPError
 
 __all__ = [
-    "SENSITIVITY_THROUGH_ENGINE_REFUSED", "ZERO3_NON_REENTRANT_REFUSED", "ZERO3_SENSITIVITY_REFUSED", "active_engine",
-    "guard", "guard_engine", "is_zero3_model", "refuse_zero3", "release_guards",
+    "active_engine", "guard", "guard_engine", "is_zero3_model", "refuse_zero3", "release_guards",
 ]
 
 _STACK_DEPTH = 40  # DeepSpeedEngine.forward is a few frames above the model's forward hooks
-
-ZERO3_SENSITIVITY_REFUSED = (
-    "sensitivity needs each parameter's whole gradient, and DeepSpeed ZeRO-3 partitions the parameters: measure "
-    "it before deepspeed.initialize (handle.calibrate on the plain model, then carry the rates over with "
-    "handle.state_dict), use ZeRO-2, or keep the rates uniform (sensitivity_at=None)"
-)
-
-# DeepSpeed counts any backward through its engine's forward as its own (and fails in its epilogue);
-# the measurement's partial backwards are not training backwards.
-SENSITIVITY_THROUGH_ENGINE_REFUSED = (
-    "measure sensitivity with a closure that calls the model, not the DeepSpeed engine: "
-    "lambda: engine.module(**batch).loss"
-)
 
 
 def is_zero3_model(model: nn.Module) -> bool:
@@ -82,12 +68,6 @@ def active_engine() -> Any | None:
         return None
     return calling_instance(engine_module.DeepSpeedEngine, _STACK_DEPTH, function="forward")
 
-
-ZERO3_NON_REENTRANT_REFUSED = (
-    "DeepSpeed ZeRO-3 fails in non-reentrant gradient checkpointing when a branch runs without grad "
-    "(The size of tensor a (0) must match ...); enable checkpointing with "
-    "gradient_checkpointing_kwargs={'use_reentrant': True}, or use ZeRO-2"
-)
 
 
 def refuse_zero3(model: nn.Module, sensitivity: bool) -> None:

@@ -205,7 +205,7 @@ def test_import_dropbp_does_not_import_transformers():
 def test_torch_compile_is_refused_at_train_begin(tmp_path):
     args = training_args(tmp_path, torch_compile=True, torch_compile_backend="eager")
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[DropBPCallback()])
-    with pytest.raises(ValueError, match="DropBP does not support torch.compile"):
+    with pytest.raises(ValueError, match="DropBP: torch.compile is not supported for training"):
         trainer.train()
 
 

@@ -151,7 +151,7 @@ def test_torch_compile_training_is_refused_with_a_clear_error(batch, where):
     else:  # one compiled decoder layer inside an eager model
         model.model.layers[1].compile(backend="eager")
         compiled = model
-    with pytest.raises(RuntimeError, match="DropBP does not support torch.compile"):
+    with pytest.raises(RuntimeError, match="DropBP: torch.compile is not supported for training"):
         compiled(batch, labels=batch)
     # Compiled inference with DropBP attached is unaffected, and remove() makes training compile.
     model.eval()

@@ -15,9 +15,9 @@ from transformers.trainer_callback import ExportableState
 from dropbp.callstack import calling_instance
 from dropbp.checkpointing import reentrant_checkpointing, unswitchable_checkpointing
 from dropbp.config import DropBPConfig
-from dropbp.distributed import FSDP1_SENSITIVITY_REFUSED, fsdp_modules
-from dropbp.errors import DropBPError
-from dropbp.handle import COMPILE_REFUSED, DropBPHandle, apply, find_handle
+from dropbp.distributed import fsdp_modules
+from dropbp.errors import COMPILE_REFUSED, FSDP1_SENSITIVITY_REFUSED, DropBPError
+from dropbp.handle import DropBPHandle, apply, find_handle
 from dropbp.sensitivity import unmeasurable_loss
 from dropbp.verify import CallArguments, require_sound_branches
 from dropbp.zero import refuse_zero3
@@ -242,7 +242,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         trainer = self._find_trainer()
         self._run_first(trainer)
         if args.torch_compile:
-            raise ValueError(COMPILE_REFUSED)
+            raise DropBPError(COMPILE_REFUSED)
         if model is None:
             raise ValueError("DropBPCallback needs the Trainer's model; none was passed to on_train_begin")
         # Mask steps: every micro-batch's forward with auto_step, else one per optimizer step.
@@ -263,7 +263,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if self.config.sensitivity_at is not None and not self._measured:
             # Fail now, not after sensitivity_at of the run.
             if fsdp_modules(model)[0]:
-                raise ValueError(FSDP1_SENSITIVITY_REFUSED)
+                raise DropBPError(FSDP1_SENSITIVITY_REFUSED)
             problem = unmeasurable_loss(model)
             if problem is not None:
                 raise DropBPError(problem)
