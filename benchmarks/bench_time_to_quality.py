@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dropbp-quality-") as tmp:
         model, scale = None, {}
         if args.quick:
-            from dropbp.tiny import save_tiny_chat_model
+            from dropbp.testing import save_tiny_chat_model
 
             model = str(save_tiny_chat_model(Path(tmp) / "model", layers=2))
             scale = dict(batch_size=4, seq_len=160, eval_size=4, eval_subset=4)

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scale = FULL
         if args.quick:
             tiny = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dropbp-evidence-")))
-            from dropbp.tiny import save_tiny_chat_model
+            from dropbp.testing import save_tiny_chat_model
 
             scale = replace(QUICK, model=str(save_tiny_chat_model(tiny / "model", layers=2)))
             args.out = args.out or tiny / "results"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dropbp.tiny import CHATML, byte_tokenizer, save_tiny_chat_model, tiny_llama
+from dropbp.testing import CHATML, byte_tokenizer, save_tiny_chat_model, tiny_llama
 
 __all__ = ["CHATML", "byte_tokenizer", "data_load_error", "tiny_llama"]
 

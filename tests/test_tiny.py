@@ -155,3 +155,24 @@ def test_causal_lm_types_lists_the_auto_mapping():
 def test_import_does_not_need_transformers():
     code = "import sys, dropbp.tiny; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tiny_causal_lm_is_seeded_by_its_argument_and_leaves_the_global_rng_alone():
+    import torch
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = tiny_causal_lm("llama", seed=5)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream continues where it was
+    second = tiny_causal_lm("llama", seed=5)
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_library_does_not_import_its_test_helpers():
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "src" / "dropbp"
+    importers = [p.name for p in package.rglob("*.py") if p.name != "testing.py" and "dropbp.testing" in p.read_text()]
+    assert not importers

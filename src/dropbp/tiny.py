@@ -19,10 +19,8 @@ special cases are limited to :data:`_OVERRIDES`.
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,10 +28,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = [
-    "CHATML", "TINY_SIZES", "byte_tokenizer", "causal_lm_types", "example_batch", "save_tiny_chat_model", "shrink_config",
-    "tiny_causal_lm", "tiny_llama",
-]
+__all__ = ["TINY_SIZES", "causal_lm_types", "example_batch", "shrink_config", "tiny_causal_lm"]
 
 _TINY_WIDTH = 64
 _TINY_HEAD_DIM = 16
@@ -556,7 +551,7 @@ def tiny_causal_lm(model_type_or_config: str | PretrainedConfig, *, seed: int = 
     Args:
         model_type_or_config: a ``model_type`` such as ``"llama"`` (its default config is
             used) or a config object; either way it is shrunk with :func:`shrink_config`.
-        seed: seeds ``torch.manual_seed`` before the weights are initialised.
+        seed: the seed of the weights' initialisation (the global RNG is left as it was).
 
     Returns:
         ``AutoModelForCausalLM.from_config`` of the shrunk config, with eager attention where
@@ -594,14 +589,16 @@ def tiny_causal_lm(model_type_or_config: str | PretrainedConfig, *, seed: int = 
         builds.append(lambda **kw: MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._from_config(decoder, **kw))
     errors = []
     for build, attention in ((b, a) for b in builds for a in ("eager", "sdpa", None)):
-        torch.manual_seed(seed)
-        try:
-            model = build(attn_implementation=attention)
-        except ImportError as error:
-            raise ValueError(f"{name!r} needs a missing dependency: {_one_line(error)}") from error
-        except Exception as error:  # noqa: BLE001 - unsupported attention, or an architecture that cannot build here
-            errors.append(error)
-            continue
+        # The weights' draws come from the seed, and the caller's RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model = build(attn_implementation=attention)
+            except ImportError as error:
+                raise ValueError(f"{name!r} needs a missing dependency: {_one_line(error)}") from error
+            except Exception as error:  # noqa: BLE001 - unsupported attention, or an architecture that cannot build here
+                errors.append(error)
+                continue
         # X-MOD routes each batch through one language's adapters; without a default it
         # needs a lang_ids input, which a plain causal-LM batch does not have.
         languages = getattr(config, "languages", None)
@@ -665,58 +662,3 @@ def example_batch(
     if codebooks == 1:
         return {"input_ids": ids[:, 0], "labels": ids[:, 0].clone()}
     return {"input_ids": ids.reshape(batch * codebooks, length), "labels": ids.transpose(1, 2).contiguous()}
-
-
-# ---------------------------------------------------------------------------------- a tiny chat model on disk
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_llama(layers: int = 3, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A random-weight Llama causal LM with grouped-query attention and a gated MLP (hidden 32).
-
-    Args:
-        layers: Decoder layers.
-        seed: Seeds ``torch.manual_seed`` before the weights are initialised.
-        **overrides: ``LlamaConfig`` fields that replace the tiny defaults.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    settings = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=layers, vocab_size=64, max_position_embeddings=128, attention_dropout=0.0)
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
-
-
-def byte_tokenizer(chat_template: str | None = CHATML) -> Any:
-    """A byte-level tokenizer without merges (every byte a token), pad and end tokens, and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<pad>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
-
-
-def save_tiny_chat_model(folder: str | os.PathLike[str], layers: int = 2, max_positions: int = 256) -> Path:
-    """Save a random :func:`tiny_llama` with the :func:`byte_tokenizer` as a Hugging Face folder.
-
-    What ``dropbp finetune --model`` and the ``--quick`` benchmarks run on when the real model would be too slow.
-
-    Returns:
-        The folder.
-    """
-    folder = Path(folder)
-    tokenizer = byte_tokenizer()
-    model = tiny_llama(layers=layers, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=max_positions)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("axolotl")  # the bare package is cheap to import; its submodules pull in torch & co.
 
-from dropbp.tiny import save_tiny_chat_model  # noqa: E402
+from dropbp.testing import save_tiny_chat_model  # noqa: E402
 
 MAX_STEPS = 4
 ACCUMULATION = 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dropbp.tiny import save_tiny_chat_model
+from dropbp.testing import save_tiny_chat_model
 
 pytest.importorskip("llamafactory")
 
