@@ -18,7 +18,7 @@ from dropbp.errors import DropBPError
 from dropbp.handle import DropBPHandle, apply, find_handle
 from dropbp.hooks import Branch
 from dropbp.masks import sample_mask
-from dropbp.verify import CheckReport, check
+from dropbp.verify import CheckReport, CheckResult, check
 
 if TYPE_CHECKING:
     from dropbp.integrations.trainer import DropBPCallback, attach
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Branch",
     "CheckReport",
+    "CheckResult",
     "DropBPCallback",
     "DropBPConfig",
     "DropBPError",
