@@ -118,3 +118,53 @@ def test_fewer_examples_than_a_batch(model_dir, tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)))
     err = error_of(capsys, ["finetune", *args(model_dir, tmp_path / "o", "--data", str(data), "--eval-data", str(data))])
     assert "only 3 training examples for --batch-size 4" in err
+
+
+def test_a_yaml_config_sets_the_flags_and_the_command_line_overrides_it(model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model_dir}\nmax-steps: 3\nbatch_size: 4\nseq-len: 160\neval_size: 4\n"
+                      "drop_rate: 0.25\nmask: structured\nreplay: false\n")
+    out = tmp_path / "run"
+    assert main(["finetune", "--config", str(config), "--output-dir", str(out), "--drop-rate", "0.5"]) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert (written["max_steps"], written["batch_size"], written["seq_len"]) == (3, 4, 160)
+    assert written["dropbp"]["drop_rate"] == 0.5  # the flag won
+    assert (written["dropbp"]["mask"], written["dropbp"]["replay"]) == ("structured", False)  # not a flag: file only
+
+
+def test_a_run_folders_config_json_repeats_the_run(model_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["finetune", *args(model_dir, first), "--drop-schedule", "cooldown:0.5", "--seed", "3"]) == 0
+    assert main(["finetune", "--config", str(first / "config.json"), "--output-dir", str(second)]) == 0
+    one, two = (json.loads((d / "config.json").read_text()) for d in (first, second))
+    assert {**one, "output_dir": None} == {**two, "output_dir": None}
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (first, second)]
+    assert losses[0] == losses[1]
+    baseline = tmp_path / "baseline"
+    assert main(["finetune", *args(model_dir, baseline), "--no-dropbp"]) == 0
+    assert json.loads((baseline / "config.json").read_text())["use_dropbp"] is False
+    again = tmp_path / "again"
+    assert main(["finetune", "--config", str(baseline / "config.json"), "--output-dir", str(again)]) == 0
+    assert json.loads((again / "config.json").read_text())["use_dropbp"] is False
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_step: 3\n", "unknown key 'max_step'; did you mean 'max_steps'?"),
+    ("- 3\n", "must hold a mapping of settings, got a list"),
+    ("a: [\n", "is not valid YAML"),
+])
+def test_bad_config_files_are_one_line_errors(model_dir, tmp_path, capsys, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    assert main(["finetune", "--config", str(config), "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_setting_of_another_command_is_named_as_such(model_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\n")
+    assert main(["sensitivity", "--config", str(config), "--model", str(model_dir)]) == 2
+    assert "'max_steps' is not a setting of dropbp sensitivity" in capsys.readouterr().err

@@ -58,6 +58,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, default: A
 
 
 _FINETUNE_FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
+# Every key some command's --config takes (to tell "not for this command" from "unknown").
+_RUN_SETTINGS = _FINETUNE_FIELDS | {f.name for f in dataclasses.fields(DropBPConfig)} | {"no_dropbp"}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
@@ -71,6 +73,9 @@ def _add_run_options(parser: argparse.ArgumentParser, fields: Sequence[str] | No
         if f.name in _DROPBP_OPTIONS and (fields is None or f.name in fields):
             _add_field(parser, f, getattr(drop_defaults, f.name))
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file of settings: the keys are the flag names (max_steps or max-steps), "
+                             "flags given here override them; a run folder's config.json repeats that run.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dropbp", description="DropBP: fine-tune faster by skipping the backward of random residual branches."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands.choices  # type: ignore[attr-defined]  # name -> sub-parser, for --config
     finetune = commands.add_parser(
         "finetune", help="Fine-tune (LoRA by default) the bundled or a local model; the main job."
     )
@@ -132,10 +138,63 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
-def _configs(args: argparse.Namespace) -> FinetuneConfig:
+def _read_config_file(path: str, command: argparse.ArgumentParser) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings of a ``--config`` file: (defaults for ``command``'s options, other DropBPConfig fields).
+
+    Keys are flag names with ``-`` or ``_``; a run folder's ``config.json`` (its ``dropbp`` section
+    nested, ``use_dropbp`` for ``--no-dropbp``) reads back as the run it describes.
+
+    Raises:
+        ValueError: One line, on a missing or unreadable file, a file that is not a mapping, or an
+            unknown key (naming the closest valid one).
+    """
+    import difflib
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as error:  # noqa: BLE001 - a parse error of either format, reported in one line
+        raise ValueError(f"--config {path} is not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'}: "
+                         f"{' '.join(str(error).split())}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path} must hold a mapping of settings, got a {type(raw).__name__}")
+    flat: dict[str, Any] = {}
+    nested = raw.get("dropbp")
+    if isinstance(nested, dict):  # a run folder's config.json
+        flat.update({str(k).replace("-", "_"): v for k, v in nested.items() if k != "seed"})
+    flat.update({str(k).replace("-", "_"): v for k, v in raw.items() if k != "dropbp"})
+    options = {a.dest for a in command._actions if a.dest not in ("help", "config", "resume")}
+    if "use_dropbp" in flat:
+        use = flat.pop("use_dropbp")
+        if "no_dropbp" in options or not use:
+            flat["no_dropbp"] = not use
+    extra_fields = {f.name for f in dataclasses.fields(DropBPConfig)} - options - {"seed"}
+    for key in flat:
+        if key not in options and key not in extra_fields:
+            if key in _RUN_SETTINGS:
+                raise ValueError(f"--config {path}: {key!r} is not a setting of dropbp {command.prog.split()[-1]}")
+            close = difflib.get_close_matches(key, sorted(options | extra_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--config {path}: unknown key {key!r}{hint}")
+    return ({k: v for k, v in flat.items() if k in options}, {k: v for k, v in flat.items() if k in extra_fields})
+
+
+def _configs(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> FinetuneConfig:
     values = vars(args)
     drop = {name: values[name] for name in _DROPBP_OPTIONS if name in values}
-    dropbp_config = DropBPConfig(seed=values.get("seed", 0), **drop)
+    dropbp_config = DropBPConfig(seed=values.get("seed", 0), **drop, **(extra or {}))
     run = {name: values[name] for name in _FINETUNE_FIELDS - _SPECIAL if name in values}
     return FinetuneConfig(**run, overwrite=values["overwrite"], use_dropbp=not values.get("no_dropbp", False),
                           dropbp=dropbp_config)
@@ -186,7 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args)
-        cfg = _configs(args)
+        extra: dict[str, Any] = {}
+        if args.config:
+            command = parser.commands[args.command]  # type: ignore[attr-defined]
+            defaults, extra = _read_config_file(args.config, command)
+            command.set_defaults(**defaults)
+            args = parser.parse_args(argv)  # flags on the command line win over the file
+        cfg = _configs(args, extra)
         if args.command == "finetune":
             _finetune(cfg, resume=args.resume)
         else:
