@@ -168,3 +168,22 @@ def test_a_setting_of_another_command_is_named_as_such(model_dir, tmp_path, caps
     config.write_text("max_steps: 3\n")
     assert main(["sensitivity", "--config", str(config), "--model", str(model_dir)]) == 2
     assert "'max_steps' is not a setting of dropbp sensitivity" in capsys.readouterr().err
+
+
+def test_the_console_shows_the_run_only(model_dir, tmp_path):
+    """No third-party notice that does not concern the run; the bar starts after the initial evaluation."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dropbp.app.cli", "finetune", *args(model_dir, tmp_path / "run"), "--eval-every", "2"],
+        capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:]
+    console = result.stdout
+    assert "gemm_4bit" not in console and "kernels-community" not in console
+    assert "Setting accelerator to CPU" not in console
+    before = console.index("held-out before training: loss")
+    assert before < console.index("finetune:   0%|") < console.index("step 2: held-out loss")
+    assert console.index("step 4: held-out loss") < console.index("held-out after training: loss")

@@ -3,3 +3,25 @@
 The library core (``dropbp``) imports only torch; this subpackage brings in
 transformers, PEFT and matplotlib.
 """
+
+import logging as _logging
+
+
+class _IrrelevantNotice(_logging.Filter):
+    """Drops one notice, logged on import by a library the job imports, that does not concern the run."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+# bitsandbytes (which PEFT imports for every LoRA run): its optional CPU 4-bit inference kernel is
+# missing. The job never runs it: it has no autograd formula, and dropbp.app.models._no_cpu_packing
+# keeps 4-bit layers off it.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_IrrelevantNotice("Failed to load CPU gemm_4bit_forward"))
+# DeepSpeed, where installed (transformers imports it to check for it): no GPU found. --device says
+# where the job runs, and the summary line says it again.
+_logging.getLogger("DeepSpeed").addFilter(_IrrelevantNotice("Setting accelerator to CPU"))

@@ -485,13 +485,17 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
 
     params = list(model.parameters())
     model.train()
-    bar = tqdm(range(state["step"] + 1, cfg.max_steps + 1), desc=command, disable=not progress,
-               dynamic_ncols=True, initial=state["step"], total=cfg.max_steps)
+    say = tqdm.write if progress else (lambda _: None)
+    bar = None
     stop = _StopRequest()
     try:
         if before is None:
             before = _evaluate(model, tokenizer, heldout, cfg.seq_len, cfg.batch_size)
+            say(f"held-out before training: {_evaluation_line(before)}")
             model.train()
+        # Made after the initial evaluation, so that its rate and ETA are the training's from step 1.
+        bar = tqdm(range(state["step"] + 1, cfg.max_steps + 1), desc=command, disable=not progress,
+                   dynamic_ncols=True, initial=state["step"], total=cfg.max_steps)
         with stop, open(out / "metrics.jsonl", "w") as metrics:
             for record in history:  # a resumed run rewrites what it had up to its checkpoint
                 metrics.write(json.dumps(record) + "\n")
@@ -543,6 +547,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     record["heldout_loss"] = float(heldout_loss(model, tokenizer, eval_examples,
                                                                 max_length=cfg.seq_len, batch_size=cfg.batch_size))
+                    say(f"step {step}: held-out loss {record['heldout_loss']:.3f} ({len(eval_examples)} examples)")
                     model.train()
                 state["step"] = step
                 history.append(record)
@@ -558,7 +563,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 drop=f"{record['drop_rate']:.2f}")
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-step, with whatever checkpoint there is
-        bar.close()
+        if bar is not None:
+            bar.close()
         saved = out / CHECKPOINT
         if not saved.is_dir():
             shutil.rmtree(out, ignore_errors=True)
@@ -572,7 +578,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
         if not (out / CHECKPOINT).is_dir():  # nothing to resume from: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+    bar.close()
     after = _evaluate(model, tokenizer, heldout, cfg.seq_len, cfg.batch_size)
+    say(f"held-out after training: {_evaluation_line(after)}")
     model.save_pretrained(out / ("adapter" if cfg.method != "full" else "model"))
     plot_losses({("DropBP" if handle else "baseline"): history}, out / "loss.png")
     summary = _summarize(history, before, after, state, handle)
@@ -584,6 +592,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     if handle is not None:
         handle.remove()
     return RunResult(output_dir=str(final), history=history, summary=summary)
+
+
+def _evaluation_line(result: dict[str, float]) -> str:
+    return f"loss {result['heldout_loss']:.3f}, exact-match accuracy {100 * result['accuracy']:.1f}%"
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
