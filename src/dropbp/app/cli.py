@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         fields=("model", "data", "method", "seq_len", "batch_size", "seed", "output_dir", "drop_rate", "max_rate",
                 "allocation", "sensitivity_examples"),
     )
+    export = commands.add_parser(
+        "export", help="Merge a finished LoRA/QLoRA run's adapter into its base model: one folder to load or serve.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run folder dropbp finetune wrote")
+    export.add_argument("--output", metavar="DIR", help="where to write (default: RUN_DIR/merged)")
     check = commands.add_parser(
         "check", help="Verify that DropBP trains a model exactly (on a tiny random copy unless --real-weights).",
         description="Runs dropbp.check on a tiny random-weight model built from the config (seconds on CPU): "
@@ -245,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args)
+        if args.command == "export":
+            from dropbp.app.export import export_merged
+
+            print(f"merged model: {export_merged(args.run_dir, args.output)}")
+            return 0
         extra: dict[str, Any] = {}
         if args.config:
             command = parser.commands[args.command]  # type: ignore[attr-defined]

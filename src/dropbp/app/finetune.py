@@ -79,6 +79,11 @@ class FinetuneConfig:
     save_every: int = field(
         default=0, metadata={"help": "Write a resumable checkpoint every N optimizer steps (0: only on Ctrl-C)."}
     )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "After a LoRA or QLoRA run, also write <run>/merged: the adapter merged into the base model, "
+                          "with the tokenizer (what dropbp export does)."},
+    )
     dropbp: DropBPConfig = field(default_factory=DropBPConfig)
 
     def __post_init__(self) -> None:
@@ -101,6 +106,9 @@ class FinetuneConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.method not in ("lora", "qlora", "full"):
             raise ValueError(f"method must be lora, qlora or full, got {self.method!r}")
+        if self.merge and self.method == "full":
+            raise ValueError("--merge merges a LoRA adapter; a full fine-tune's model/ folder is already a loadable "
+                             "model, so drop --merge")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (written to the run folder as config.json)."""
@@ -581,7 +589,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     bar.close()
     after = _evaluate(model, tokenizer, heldout, cfg.seq_len, cfg.batch_size)
     say(f"held-out after training: {_evaluation_line(after)}")
-    model.save_pretrained(out / ("adapter" if cfg.method != "full" else "model"))
+    saved = out / ("adapter" if cfg.method != "full" else "model")
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)  # a full fine-tune's model/ then loads on its own, as pipeline() wants
     plot_losses({("DropBP" if handle else "baseline"): history}, out / "loss.png")
     summary = _summarize(history, before, after, state, handle)
     write_json(out / "summary.json", summary)
@@ -591,6 +601,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     os.replace(out, final)
     if handle is not None:
         handle.remove()
+    if cfg.merge:
+        from dropbp.app.export import export_merged
+
+        export_merged(final)
     return RunResult(output_dir=str(final), history=history, summary=summary)
 
 
