@@ -93,3 +93,56 @@ def test_bundled_smollm2_loads_in_4bit_for_qlora():
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def hub_cache(root, repo="tiny-org/tiny-chat", revisions=(("main", "a" * 40, 2), ("v1", "b" * 40, 3))):
+    """A Hugging Face cache under ``root`` in the documented layout (hub/models--org--name/{refs,snapshots}),
+    holding a tiny chat model as ``repo`` at each (ref, commit, layers): what ``hf download`` leaves there."""
+    from dropbp.testing import save_tiny_chat_model
+
+    folder = root / "hub" / f"models--{repo.replace('/', '--')}"
+    for ref, commit, layers in revisions:
+        save_tiny_chat_model(folder / "snapshots" / commit, layers=layers)
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    return root
+
+
+def run_cli(env_root, *argv, offline=True):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(env_root), "HF_HUB_ETAG_TIMEOUT": "3", "HF_HUB_DOWNLOAD_TIMEOUT": "3"}
+    env.pop("HF_HUB_CACHE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path):
+    root = hub_cache(tmp_path / "hf")
+    out = tmp_path / "run"
+    result = run_cli(root, "-m", "dropbp.app.cli", "finetune", "--model", "tiny-org/tiny-chat", "--output-dir", str(out),
+                     "--max-steps", "2", "--batch-size", "2", "--seq-len", "160", "--eval-size", "2", "--eval-every", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    layers = run_cli(root, "-c", "from dropbp.app.models import load_config as c; "
+                                 "print(c('tiny-org/tiny-chat').num_hidden_layers, c('tiny-org/tiny-chat', 'v1')"
+                                 ".num_hidden_layers)")
+    assert layers.stdout.split() == ["2", "3"], layers.stderr[-2000:]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_that_is_not_cached_is_a_one_line_error(tmp_path, offline):
+    root = hub_cache(tmp_path / "hf")
+    result = run_cli(root, "-m", "dropbp.app.cli", "finetune", "--model", "tiny-org/not-there", "--output-dir",
+                     str(tmp_path / "run"), offline=offline)
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()[-1]
+    assert "'tiny-org/not-there'" in err and "hf download tiny-org/not-there" in err, err
+    if offline:
+        assert "HF_HUB_OFFLINE=1" in err
+    assert not (tmp_path / "run").exists()

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs dropbp.check on a tiny random-weight model built from the config (seconds on CPU): "
                     "one line per check; exit status 2 if any fails.")
     check.add_argument("model", nargs="?", default=None,
-                       help="a local model folder or .gguf file, or a transformers model_type such as 'bloom' "
+                       help="a local model folder or .gguf file, a Hub id (owner/name), or a transformers model_type such as 'bloom' "
                             "(default: the bundled SmolLM2-135M-Instruct)")
     check.add_argument("--branches", nargs="+", metavar="PATTERN",
                        help="fnmatch patterns of the branch modules (default: found as dropbp.apply finds them)")
@@ -127,7 +127,8 @@ def _check(args: argparse.Namespace) -> int:
     from dropbp.tiny import tiny_causal_lm
     from dropbp.verify import check
 
-    is_path = args.model is None or Path(args.model).exists()
+    # A model_type ("bloom") has no slash; a local path exists; anything else is a Hub id.
+    is_path = args.model is None or Path(args.model).exists() or "/" in args.model
     if args.real_weights:
         if not is_path:
             raise ValueError(f"--real-weights needs a local model folder, got {args.model!r}")

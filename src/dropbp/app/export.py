@@ -43,7 +43,7 @@ def export_merged(run_dir: str | Path, output: str | Path | None = None) -> Path
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ValueError(f"{run} has no adapter/adapter_config.json; pass the folder of a finished LoRA or QLoRA run")
-    base, tokenizer = load_model(config.get("model"), "lora")  # full precision, also for QLoRA
+    base, tokenizer = load_model(config.get("model"), "lora", revision=config.get("revision"))  # full precision, QLoRA too
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     target = Path(output) if output is not None else run / "merged"
     with AtomicDir(target) as tmp:

@@ -41,7 +41,10 @@ class FinetuneConfig:
         ValueError: From ``__post_init__`` on an out-of-range value.
     """
 
-    model: str | None = field(default=None, metadata={"help": "Local model folder or .gguf file; default: bundled SmolLM2-135M-Instruct."})
+    model: str | None = field(default=None, metadata={
+        "help": "A local model folder or .gguf file, or a Hugging Face Hub id (owner/name, from the Hugging Face "
+                "cache or downloaded into it); default: the bundled SmolLM2-135M-Instruct."})
+    revision: str | None = field(default=None, metadata={"help": "The Hub id's branch, tag or commit; default: main."})
     data: str | None = field(default=None, metadata={"help": "Training JSONL of {prompt, response} or chat {messages: [...]}; default: bundled data."})
     eval_data: str | None = field(
         default=None, metadata={"help": "Held-out JSONL; default: bundled held-out set, or 10%% of --data."}
@@ -164,10 +167,10 @@ def _load_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
-def _check_seq_len(model: str | None, seq_len: int) -> None:
+def _check_seq_len(model: str | None, seq_len: int, revision: str | None = None) -> None:
     from dropbp.app.models import max_positions
 
-    limit = max_positions(model)
+    limit = max_positions(model, revision)
     if limit is not None and seq_len > limit:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions; pass --seq-len <= {limit}")
 
@@ -264,11 +267,11 @@ def _prepare_run(
         raise ValueError(
             f"only {len(train)} training examples for --batch-size {cfg.batch_size}; lower --batch-size or add examples"
         )
-    _check_seq_len(cfg.model, cfg.seq_len)
+    _check_seq_len(cfg.model, cfg.seq_len, cfg.revision)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, cfg.method)
+    model, tokenizer = load_model(cfg.model, cfg.method, revision=cfg.revision)
     return final, train, heldout, prepare_for_training(model, cfg.method), tokenizer
 
 

