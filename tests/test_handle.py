@@ -103,13 +103,18 @@ def test_manual_step_and_set_mask(llama, batch):
     assert handle.mask == [True] * 6 and handle.step_count == 1
 
 
+def train_masks(model, handle, batch, steps):
+    """The mask of each of ``steps`` training steps (auto_step draws them)."""
+    masks = []
+    for _ in range(steps):
+        model(batch, labels=batch).loss.backward()
+        masks.append(handle.mask)
+    return masks
+
+
 def test_masks_resume_from_state_dict(batch):
     def run(model, handle, steps):
-        masks = []
-        for _ in range(steps):
-            model(batch, labels=batch).loss.backward()
-            masks.append(handle.mask)
-        return masks
+        return train_masks(model, handle, batch, steps)
 
     model = tiny_llama()
     model.train()
@@ -157,11 +162,7 @@ def test_structured_masks_give_kept_branches_their_exact_gradients(batch):
 
 def test_structured_masks_resume_exactly_and_refuse_a_different_mode(batch):
     def masks(handle, model, steps):
-        out = []
-        for _ in range(steps):
-            model(batch, labels=batch).loss.backward()
-            out.append(handle.mask)
-        return out
+        return train_masks(model, handle, batch, steps)
 
     model = tiny_llama().train()
     handle = dropbp.apply(model, drop_rate=0.5, seed=2, mask="structured", schedule="linear:0.75:0", total_steps=10)
