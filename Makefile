@@ -71,8 +71,9 @@ bench: setup
 bench-defaults: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_defaults.py
 
-# time to quality: held-out loss against the training clock for the baseline, rates and drop-rate
-# schedules (the 60-step screen at seed 0, about 30 minutes on 2 idle cores) -> benchmarks/results/time_to_quality.*
+# time to quality: held-out loss against the training clock for the baseline, random and structured masks
+# (60 steps, seeds 0 and 1, about 45 minutes on 2 idle cores) -> benchmarks/results/time_to_quality.*;
+# QUALITY_ARGS="--arms all --seeds 0" is the screen of every arm
 QUALITY_ARGS ?=
 bench-quality: setup
 	$(KEEP_FREED_MEMORY) $(PY) benchmarks/bench_time_to_quality.py $(QUALITY_ARGS)

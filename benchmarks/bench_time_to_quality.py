@@ -1,9 +1,11 @@
 """Time to quality: held-out loss against the training clock, per arm and seed, on the bundled job.
 
-Run (about 3 minutes per 60-step run on 2 idle CPU cores; nothing else may run meanwhile)::
+Run (about 5 minutes per 60-step run on 2 idle CPU cores; nothing else may run meanwhile)::
 
-    make bench-quality                                   # the screen: 60 steps, seed 0, every arm
-    .venv/bin/python benchmarks/bench_time_to_quality.py --arms baseline,p0.5,cooldown --seeds 0,1 --steps 300
+    make bench-quality                                   # 60 steps, seeds 0 and 1, the DEFAULT_ARMS
+    .venv/bin/python benchmarks/bench_time_to_quality.py --arms all --seeds 0      # the screen of every arm
+    .venv/bin/python benchmarks/bench_time_to_quality.py --arms baseline,structured0.5 --seeds 0 --steps 300 \
+        --eval-every 25 --out benchmarks/results/quality_300
 
 What it runs
     First, the step time of the job's model and batch at each drop rate the arms use, interleaved in
@@ -91,14 +93,17 @@ ARMS: dict[str, Arm] = {
     "checkpointing": Arm(checkpointing=True),
     "micro-batches4": Arm(micro_batches=4),
 }
+#: What make bench-quality runs (at seeds 0 and 1): the baseline, the paper's random masks and the best measured trades.
+DEFAULT_ARMS = ("baseline", "p0.5", "structured0.5", "structured-linear0.5")
 FRACTIONS = (0.5, 0.75, 1.0)  # of the baseline's run: its held-out loss there is a target
 CLOCKS = (0.25, 0.5, 0.75, 1.0)  # of the baseline's training clock: every arm's held-out loss there
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {list(ARMS)}")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (same data order per seed for every arm)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma-separated, from {list(ARMS)}, or 'all' (default: {','.join(DEFAULT_ARMS)})")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (same data order per seed for every arm)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of the baseline's run")
     p.add_argument("--eval-every", type=int, default=5, help="held-out loss every N steps")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -115,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rewrite the report from --out's time_to_quality.json and the runs in --runs-dir")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
-    args.arms = [a for a in args.arms.split(",") if a]
+    args.arms = list(ARMS) if args.arms == "all" else [a for a in args.arms.split(",") if a]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if not args.arms or any(a not in ARMS for a in args.arms) or "baseline" not in args.arms or not args.seeds:
         p.error(f"--arms must include baseline and name only {list(ARMS)}; --seeds some integers")

@@ -44,8 +44,8 @@ def test_mean_rate_of_a_schedule():
 
 
 def test_quick_run_writes_the_table_and_the_plot(tmp_path):
-    record = quality.main(["--quick", "--arms", "baseline,p0.5,cooldown,structured0.5,checkpointing,micro-batches4",
-                           "--fit-budget", "--out", str(tmp_path)])
+    arms = "baseline,p0.5,cooldown,structured0.5,checkpointing,micro-batches4"
+    record = quality.main(["--quick", "--seeds", "0", "--arms", arms, "--fit-budget", "--out", str(tmp_path)])
     assert record["written"] == ["time_to_quality.json", "time_to_quality.md", "time_to_quality.png"]
     assert set(record["measures"]) == {"baseline", "p0.5", "cooldown", "structured0.5", "checkpointing",
                                        "micro-batches4", "p0.5@budget", "cooldown@budget", "structured0.5@budget"}
@@ -71,7 +71,8 @@ def test_the_modelled_clock_times_every_step_by_the_interleaved_line():
 
 def test_the_report_is_rewritten_from_the_json_and_the_runs(tmp_path):
     out, runs = tmp_path / "results", tmp_path / "runs"
-    first = quality.main(["--quick", "--arms", "baseline,p0.5", "--out", str(out), "--runs-dir", str(runs)])
+    first = quality.main(["--quick", "--seeds", "0", "--arms", "baseline,p0.5", "--out", str(out),
+                          "--runs-dir", str(runs)])
     again = quality.main(["--report-only", "--out", str(out), "--runs-dir", str(runs)])
     assert again["measures"]["p0.5"][0]["final_heldout"] == first["measures"]["p0.5"][0]["final_heldout"]
     assert "On the modelled clock" in (out / "time_to_quality.md").read_text()
