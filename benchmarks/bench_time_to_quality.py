@@ -242,8 +242,9 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
                structured: list[float] = (), memory: list[str] = ()) -> dict[str, Any]:
     """Median step time of the job's model and first batch at each rate, interleaved with rate 0.
 
-    ``structured``: rates also timed with structured masks (their speedups are reported; the line
-    ``t(p)`` is fitted to the random-mask rates, by the fraction of branches dropped). ``memory``:
+    ``structured``: rates also timed with a structured mask, the cut that drops that fraction of
+    the branches (their speedups are reported; the line ``t(p)`` is fitted to the random-mask
+    rates, by the fraction of branches dropped). ``memory``:
     names of memory-saving baseline arms (checkpointing, micro-batches), timed the same way; their
     medians time every step of their runs on the modelled clock.
     """
@@ -264,10 +265,17 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
     handle = dropbp.apply(model, drop_rate=0.0, seed=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
+    count = len(handle.branches)
+
     def step_at(rate: float, mask: str = "random", arm: Arm = Arm()) -> Callable[[int], None]:
         def step(_: int) -> None:
-            handle.mask_mode = mask
             handle.set_drop_rates(rate)
+            # A structured step's cut is drawn anew each step, so a few timed rounds would time a few
+            # random cuts: time the cut at the mean instead (the steps of a run cost t(p) at the fraction
+            # p each dropped, on the modelled clock).
+            handle.auto_step = mask != "structured"
+            if mask == "structured":
+                handle.set_mask([i < round(rate * count) for i in range(count)])
             if arm.checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             size = len(batch["input_ids"]) // arm.micro_batches
