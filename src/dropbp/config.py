@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
+from dropbp.masks import MASK_MODES
 from dropbp.schedules import parse_schedule
 from dropbp.validation import check_int, check_rate
 
@@ -122,7 +123,7 @@ class DropBPConfig:
                 f"sensitivity_metric must be 'grad_diff' or 'grad_norm_diff', got {self.sensitivity_metric!r}"
             )
         parse_schedule(self.drop_schedule)
-        if self.mask not in ("random", "structured"):
+        if self.mask not in MASK_MODES:
             raise ValueError(f"mask must be 'random' or 'structured', got {self.mask!r}")
         if self.mask == "structured" and self.sensitivity_at is not None:
             raise ValueError(

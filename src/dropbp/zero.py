@@ -161,17 +161,17 @@ def guard(engine: Any, auto_step: bool | None = None) -> None:
         getattr(engine, "module", None), nn.Module
     ):
         raise ValueError(f"dropbp.zero.guard needs the engine deepspeed.initialize returned, got {type(engine).__name__}")
-    guard_engine(engine, engine.module, auto_step=bool(auto_step), check_accumulation=auto_step is not None)
+    guard_engine(engine, engine.module, auto_step)
 
 
-def guard_engine(engine: Any, model: nn.Module, auto_step: bool, check_accumulation: bool = True) -> None:
+def guard_engine(engine: Any, model: nn.Module, auto_step: bool | None) -> None:
     """Refuse what cannot be exact under ``engine``; make the rest exact (see :func:`guard`).
 
     Args:
         engine: The ``DeepSpeedEngine`` running ``model``.
         model: The module DropBP is applied to.
-        auto_step: Whether every micro-batch samples its own mask.
-        check_accumulation: Check ``auto_step`` against offload with gradient accumulation.
+        auto_step: Whether every micro-batch samples its own mask; None (not known yet) skips the
+            check of offload with gradient accumulation, which depends on it.
 
     Raises:
         DropBPError: For the combinations listed in the module docstring.
@@ -188,7 +188,7 @@ def guard_engine(engine: Any, model: nn.Module, auto_step: bool, check_accumulat
             "DropBP cannot zero the gradients DeepSpeed swaps to NVMe, so dropped parameters would reuse a stale "
             "gradient; offload the optimizer to the CPU (offload_optimizer.device='cpu') or not at all"
         )
-    if check_accumulation and offload and auto_step and engine.gradient_accumulation_steps() > 1:
+    if offload and auto_step and engine.gradient_accumulation_steps() > 1:
         raise DropBPError(
             "DeepSpeed optimizer offload keeps a parameter's gradient only from the last micro-batch it got one in, "
             "so a new DropBP mask per micro-batch loses gradients under gradient accumulation; use one mask per "

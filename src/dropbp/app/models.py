@@ -8,7 +8,6 @@ a cached model loads without network, and ``HF_HUB_OFFLINE=1`` is honoured.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -77,20 +76,16 @@ def _locate(model: str | Path | None, revision: str | None = None) -> tuple[str 
     return str(model), {"revision": revision} if revision else {}
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
-
-
 def _require_hub_model(repo: str, revision: str | None) -> None:
     """Fetch a Hub model's config into the cache, or fail in one line saying how to get it."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo, "config.json", revision=revision)
     if isinstance(cached, str):
         return
     at = f" at revision {revision!r}" if revision else ""
     fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
-    if _offline():
+    if constants.HF_HUB_OFFLINE:  # the Hub library's reading of HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)
         raise ModelError(f"model {repo!r}{at} is no local folder and not in the Hugging Face cache, and "
                          f"HF_HUB_OFFLINE=1 forbids downloading it; fetch it where there is network with: {fetch}, "
                          "or pass a local folder")
