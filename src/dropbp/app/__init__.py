@@ -25,3 +25,10 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_IrrelevantNotice(
 # DeepSpeed, where installed (transformers imports it to check for it): no GPU found. --device says
 # where the job runs, and the summary line says it again.
 _logging.getLogger("DeepSpeed").addFilter(_IrrelevantNotice("Setting accelerator to CPU"))
+
+import warnings as _warnings
+
+# PEFT, saving the adapter of a model loaded from a GGUF file (the bundled one): no config file to
+# compare the vocabulary with. The job never trains the embeddings, so the vocabulary is unchanged.
+_warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary "
+                         r"was not modified", category=UserWarning)
