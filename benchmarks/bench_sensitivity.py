@@ -27,7 +27,7 @@ What it measures
                 sees the same model. The branch FLOPs recorded by this step are the ones allocated with.
     * ``full``  sensitivity on the whole batch of 8 (the reference)
     * ``k4``, ``k2``, ``k1``  sensitivity on the first k examples of the batch, taken as ``dropbp
-                finetune`` takes them for ``sensitivity_examples=k`` (``finetune._first_examples``: the
+                finetune`` takes them for ``sensitivity_examples=k`` (``finetune.first_examples``: the
                 first k rows, with the columns that are padding in all of them cut off; the loss is the
                 same, the measurement cheaper)
     * ``k1_serial``  ``k1`` with the partial backwards run one branch at a time, as before they
@@ -136,11 +136,11 @@ def _agg(values: list[float]) -> dict[str, float]:
 def prepare(args):
     """Model, tokenizer, handle, optimizer and the batch stream, as ``dropbp finetune`` prepares them."""
     from dropbp.app.data import tokenize_example
-    from dropbp.app.finetune import BatchStream, FinetuneConfig, _load_data, _schedule
+    from dropbp.app.finetune import BatchStream, FinetuneConfig, load_data, lr_scheduler
     from dropbp.app.models import load_model, prepare_for_training
 
     cfg = FinetuneConfig(seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
-    train, _ = _load_data(cfg)
+    train, _ = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.method)
     model = prepare_for_training(model, cfg.method)
@@ -149,7 +149,7 @@ def prepare(args):
     handle = dropbp.apply(model, drop_rate=d.drop_rate, seed=d.seed, branches=d.branches, auto_step=d.auto_step,
                           replay=d.replay)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    optimizer.scheduler = _schedule(optimizer, cfg)  # stepped by train_step, as in the run
+    optimizer.scheduler = lr_scheduler(optimizer, cfg)  # stepped by train_step, as in the run
     model.train()
     return cfg, model, tokenizer, handle, optimizer, BatchStream(tokenized, cfg.batch_size, cfg.seed)
 
@@ -179,9 +179,9 @@ def branch_by_branch():
 
 def first_examples(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """The first ``k`` examples as ``dropbp finetune`` takes them for ``sensitivity_examples=k``."""
-    from dropbp.app.finetune import _first_examples
+    from dropbp.app.finetune import first_examples
 
-    return _first_examples(batch, k)
+    return first_examples(batch, k)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -433,7 +433,7 @@ def markdown_report(args, summary, rows, run: Run, n: int) -> str:
         "*vs pooled*: the same ratio with the mean full-batch sensitivity over all measured batches in place of "
         "the batch's own, against that reference's optimum. `k1x2` pairs each batch's k=1 measurement with the "
         "previous batch's (cyclically); its cost is the two measurements' times. A k-example subsample is the "
-        "first k rows of the batch as `dropbp finetune` takes them (`_first_examples`: padding columns common to "
+        "first k rows of the batch as `dropbp finetune` takes them (`first_examples`: padding columns common to "
         "the k rows cut off).", "",
         "Token subsampling is not measured: the loss covers only the response tokens, which follow the prompt, so "
         "truncating every example to its first T tokens drops the end of every response (a biased objective); "

@@ -250,12 +250,12 @@ def step_times(config: FinetuneConfig, rates: list[float], rounds: int,
     """
     import dropbp
     from dropbp.app.data import collate, tokenize_example
-    from dropbp.app.finetune import _autocast_dtype, _load_data, resolve_device
+    from dropbp.app.finetune import autocast_dtype, load_data, resolve_device
     from dropbp.app.models import load_model, prepare_for_training
 
-    train, _ = _load_data(config)
+    train, _ = load_data(config)
     device = resolve_device(config.device)
-    autocast = _autocast_dtype(config.dtype, device)
+    autocast = autocast_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, config.method)
     model = prepare_for_training(model, config.method).to(device).train()

@@ -103,17 +103,17 @@ def test_config_round_trips_the_new_fields():
 def test_the_sensitivity_sample_is_cut_to_its_own_length_without_changing_the_loss(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from dropbp.app.finetune import _first_examples
+    from dropbp.app.finetune import first_examples
 
     ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 7, 8, 9, 10]])
     mask = (torch.arange(6) < torch.tensor([[3], [6]])).long()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-    sample = _first_examples(batch, 1)
+    sample = first_examples(batch, 1)
     assert sample["input_ids"].tolist() == [[5, 6, 7]] and sample["labels"].tolist() == [[5, 6, 7]]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     padded = {k: v[:1] for k, v in batch.items()}
     torch.testing.assert_close(model(**sample).loss, model(**padded).loss)
-    assert _first_examples(batch, None) is batch
+    assert first_examples(batch, None) is batch
 
 
 def test_drop_schedule_reaches_the_masks_and_the_run_folder(model_dir, tmp_path):

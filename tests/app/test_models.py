@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama
+from helpers import hub_cache, run_cli
 
 import dropbp
 from dropbp.app.models import (
@@ -93,33 +94,6 @@ def test_bundled_smollm2_loads_in_4bit_for_qlora():
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
-
-
-def hub_cache(root, repo="tiny-org/tiny-chat", revisions=(("main", "a" * 40, 2), ("v1", "b" * 40, 3))):
-    """A Hugging Face cache under ``root`` in the documented layout (hub/models--org--name/{refs,snapshots}),
-    holding a tiny chat model as ``repo`` at each (ref, commit, layers): what ``hf download`` leaves there."""
-    from dropbp.testing import save_tiny_chat_model
-
-    folder = root / "hub" / f"models--{repo.replace('/', '--')}"
-    for ref, commit, layers in revisions:
-        save_tiny_chat_model(folder / "snapshots" / commit, layers=layers)
-        (folder / "refs").mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / ref).write_text(commit)
-    return root
-
-
-def run_cli(env_root, *argv, offline=True):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HF_HOME": str(env_root), "HF_HUB_ETAG_TIMEOUT": "3", "HF_HUB_DOWNLOAD_TIMEOUT": "3"}
-    env.pop("HF_HUB_CACHE", None)
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    else:
-        env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path):

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity = commands.add_parser("sensitivity", help="Print and plot each branch's sensitivity and rate.")
     _add_run_options(
         sensitivity,
-        fields=("model", "data", "method", "seq_len", "batch_size", "seed", "output_dir", "drop_rate", "max_rate",
+        fields=("model", "revision", "data", "data_split", "data_config", "data_format", "data_columns", "method", "seq_len", "batch_size", "seed", "output_dir", "drop_rate", "max_rate",
                 "allocation", "sensitivity_examples"),
     )
     export = commands.add_parser(
@@ -210,8 +210,9 @@ def _finetune(cfg: FinetuneConfig, resume: str | None = None) -> None:
 
     result = run_finetune(resume_config(resume), resume=True) if resume else run_finetune(cfg)
     s = result.summary
-    print(f"held-out accuracy {s['before']['accuracy']:.3f} -> {s['after']['accuracy']:.3f}, "
-          f"held-out loss {s['before']['heldout_loss']:.3f} -> {s['after']['heldout_loss']:.3f}")
+    accuracy = ("" if s["after"]["accuracy"] is None else
+                f"held-out accuracy {s['before']['accuracy']:.3f} -> {s['after']['accuracy']:.3f}, ")
+    print(f"{accuracy}held-out loss {s['before']['heldout_loss']:.3f} -> {s['after']['heldout_loss']:.3f}")
     print(f"median step {s['median_step_time_s']:.2f}s, {s['tokens_per_s']:.0f} tokens/s, "
           f"backward FLOPs skipped {s['mean_backward_flops_skipped']:.2f}")
     print(f"run folder: {result.output_dir}")

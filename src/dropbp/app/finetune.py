@@ -28,8 +28,9 @@ from dropbp.app.files import AtomicDir, write_json, write_text
 from dropbp.config import DropBPConfig
 
 __all__ = [
-    "BatchStream", "FinetuneConfig", "Interrupted", "RunResult", "partial_dir", "prepare_output_dir", "resolve_device",
-    "resume_config", "run_compare", "run_finetune", "run_sensitivity",
+    "BatchStream", "FinetuneConfig", "Interrupted", "RunResult", "autocast_dtype", "first_examples", "load_data",
+    "lr_scheduler", "partial_dir", "prepare_output_dir", "resolve_device", "resume_config", "run_compare",
+    "run_finetune", "run_sensitivity",
 ]
 
 
@@ -45,10 +46,23 @@ class FinetuneConfig:
         "help": "A local model folder or .gguf file, or a Hugging Face Hub id (owner/name, from the Hugging Face "
                 "cache or downloaded into it); default: the bundled SmolLM2-135M-Instruct."})
     revision: str | None = field(default=None, metadata={"help": "The Hub id's branch, tag or commit; default: main."})
-    data: str | None = field(default=None, metadata={"help": "Training JSONL of {prompt, response} or chat {messages: [...]}; default: bundled data."})
-    eval_data: str | None = field(
-        default=None, metadata={"help": "Held-out JSONL; default: bundled held-out set, or 10%% of --data."}
-    )
+    data: str | None = field(default=None, metadata={
+        "help": "Training data: a .jsonl, .json, .csv or .parquet file, a folder saved with datasets' save_to_disk, "
+                "or a Hub dataset id (owner/name); default: the bundled data."})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "Held-out data, as --data; default: the bundled held-out set, or 10%% of --data."})
+    data_split: str = field(default="train", metadata={
+        "help": "The split of --data to train on (a Hub dataset, a saved DatasetDict or a folder of data files)."})
+    eval_split: str = field(default="test", metadata={"help": "The split of --eval-data, as --data-split."})
+    data_config: str | None = field(default=None, metadata={
+        "help": "The configuration (subset) of a Hub dataset with several; applies to --data and --eval-data."})
+    data_format: Literal["auto", "prompt", "chat", "alpaca", "sharegpt", "text"] = field(default="auto", metadata={
+        "help": "auto: told from the columns. prompt: {prompt, response|completion}; chat: {messages}; "
+                "alpaca: {instruction, input, output}; sharegpt: {conversations: [{from, value}]}; "
+                "text: {text}, loss on every token, packed into --seq-len blocks."})
+    data_columns: str | None = field(default=None, metadata={
+        "help": "Columns under other names, as FIELD=COLUMN pairs, e.g. prompt=question,response=answer; "
+                "applies to --data and --eval-data."})
     method: Literal["lora", "qlora", "full"] = field(default="lora", metadata={"help": "What to train."})
     max_steps: int = field(default=60, metadata={"help": "Optimizer steps."})
     seq_len: int = field(default=96, metadata={"help": "Maximum tokens per example (prompt + response)."})
@@ -109,6 +123,11 @@ class FinetuneConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.method not in ("lora", "qlora", "full"):
             raise ValueError(f"method must be lora, qlora or full, got {self.method!r}")
+        from dropbp.app.data.loading import DATA_FORMATS, parse_columns
+
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data-format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        parse_columns(self.data_columns)  # a bad mapping fails here, before the model loads
         if self.merge and self.method == "full":
             raise ValueError("--merge merges a LoRA adapter; a full fine-tune's model/ folder is already a loadable "
                              "model, so drop --merge")
@@ -144,22 +163,34 @@ def prepare_output_dir(output_dir: str | None, command: str, overwrite: bool) ->
     return path
 
 
-def _load_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+def load_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+    """The run's training and held-out examples (see :func:`dropbp.app.data.load_examples`).
+
+    Without ``--eval-data``, a user's ``--data`` gives up a deterministic 10% (by ``--seed``) as
+    the held-out set; the bundled data has its own. ``--eval-size`` keeps the first examples.
+
+    Raises:
+        ValueError: On unreadable or malformed data (a one-line :class:`~dropbp.app.data.DataError`).
+    """
     from dropbp.app.data import bundled_data_path, load_examples
+
+    def load(source: str | os.PathLike[str], split: str) -> list[dict]:
+        return load_examples(source, split=split, config=cfg.data_config, data_format=cfg.data_format,
+                             columns=cfg.data_columns)
 
     if cfg.data is None:
         train = load_examples(bundled_data_path("train"))
-        heldout = load_examples(cfg.eval_data or bundled_data_path("heldout"))
+        heldout = load(cfg.eval_data, cfg.eval_split) if cfg.eval_data else load_examples(bundled_data_path("heldout"))
     else:
-        train = load_examples(cfg.data)
+        train = load(cfg.data, cfg.data_split)
         if cfg.eval_data is not None:
-            heldout = load_examples(cfg.eval_data)
-        else:  # hold out a deterministic 10% of the user's file
+            heldout = load(cfg.eval_data, cfg.eval_split)
+        else:  # hold out a deterministic 10% of the user's data
+            if len(train) < 2:
+                raise ValueError(f"{cfg.data} has {len(train)} example(s); pass --eval-data or add more examples")
             order = list(range(len(train)))
             random.Random(cfg.seed).shuffle(order)
             cut = max(1, len(train) // 10)
-            if len(train) < 2:
-                raise ValueError(f"{cfg.data} has {len(train)} example(s); pass --eval-data or add more examples")
             heldout = [train[i] for i in order[:cut]]
             train = [train[i] for i in order[cut:]]
     if cfg.eval_size:
@@ -225,14 +256,14 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def _autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: ``auto`` is bfloat16 on CUDA and none (float32) on CPU."""
     if requested == "bfloat16" or (requested == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
 
-def _first_examples(batch: dict[str, torch.Tensor], count: int | None) -> dict[str, torch.Tensor]:
+def first_examples(batch: dict[str, torch.Tensor], count: int | None) -> dict[str, torch.Tensor]:
     """The first ``count`` examples of a right-padded collated batch (all of it for None).
 
     The columns that are padding in all of them are cut off: the loss is the same (padding
@@ -259,11 +290,13 @@ def _prepare_run(
     Returns:
         The final run folder, training and held-out examples, the model ready to train, its tokenizer.
     """
+    from dropbp.app.data import is_text_data
     from dropbp.app.models import load_model, prepare_for_training
 
     final = Path(cfg.output_dir) if resume else prepare_output_dir(cfg.output_dir, command, cfg.overwrite)
-    train, heldout = _load_data(cfg)
-    if need_full_batch and len(train) < cfg.batch_size:
+    train, heldout = load_data(cfg)
+    # text documents are packed into blocks: their count is known after tokenizing (run_finetune checks it)
+    if need_full_batch and not is_text_data(train) and len(train) < cfg.batch_size:
         raise ValueError(
             f"only {len(train)} training examples for --batch-size {cfg.batch_size}; lower --batch-size or add examples"
         )
@@ -275,12 +308,14 @@ def _prepare_run(
     return final, train, heldout, prepare_for_training(model, cfg.method), tokenizer
 
 
-def _evaluate(model, tokenizer, heldout: list[dict], seq_len: int, batch_size: int) -> dict[str, float]:
-    from dropbp.app.data import exact_match_accuracy, heldout_loss
+def _evaluate(model, tokenizer, heldout: list[dict], seq_len: int, batch_size: int) -> dict[str, float | None]:
+    from dropbp.app.data import exact_match_accuracy, heldout_loss, is_text_data
 
     return {
         "heldout_loss": float(heldout_loss(model, tokenizer, heldout, max_length=seq_len, batch_size=batch_size)),
-        "accuracy": float(exact_match_accuracy(model, tokenizer, heldout, batch_size=max(batch_size, 16))),
+        # text examples have no answer to match: their held-out loss is the measure
+        "accuracy": None if is_text_data(heldout) else
+        float(exact_match_accuracy(model, tokenizer, heldout, batch_size=max(batch_size, 16))),
     }
 
 
@@ -371,7 +406,7 @@ def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _schedule(optimizer, cfg: FinetuneConfig):
+def lr_scheduler(optimizer, cfg: FinetuneConfig):
     from transformers import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
@@ -432,19 +467,22 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     from tqdm.auto import tqdm
 
     import dropbp
-    from dropbp.app.data import collate, heldout_loss, tokenize_example
+    from dropbp.app.data import collate, heldout_loss, tokenize_examples
     from dropbp.app.plots import plot_losses
     from dropbp.memory import ActivationMeter
 
     device = resolve_device(cfg.device)
     final, train, heldout, model, tokenizer = _prepare_run(cfg, command, need_full_batch=True, resume=resume)
-    tokenized = [tokenize_example(tokenizer, ex["prompt"], ex["response"], cfg.seq_len) for ex in train]
+    tokenized = tokenize_examples(tokenizer, train, cfg.seq_len)
+    if len(tokenized) < cfg.batch_size:
+        raise ValueError(f"the training data makes {len(tokenized)} sequence(s) of --seq-len {cfg.seq_len}, fewer than "
+                         f"--batch-size {cfg.batch_size}; lower --batch-size or add data")
     pad = tokenizer.pad_token_id
     if getattr(model, "hf_quantizer", None) is None:
         model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    autocast = _autocast_dtype(cfg.dtype, device)
+    autocast = autocast_dtype(cfg.dtype, device)
     handle = None
     d = cfg.dropbp
     if cfg.use_dropbp:
@@ -466,7 +504,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    scheduler = _schedule(optimizer, cfg)
+    scheduler = lr_scheduler(optimizer, cfg)
     stream = BatchStream(tokenized, cfg.batch_size, cfg.seed)
     calibrate_at = d.sensitivity_step(cfg.max_steps) if handle is not None else None
     recent: deque = deque(maxlen=d.sensitivity_batches)
@@ -550,7 +588,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
                 if step == calibrate_at and not state["calibrated"]:
                     t1 = time.perf_counter()
                     handle.calibrate(  # the allocation settings come from handle.config, that is d
-                        [lambda b=b: forward_loss(_first_examples(b, d.sensitivity_examples)) for b in recent])
+                        [lambda b=b: forward_loss(first_examples(b, d.sensitivity_examples)) for b in recent])
                     state["calibration_s"] = time.perf_counter() - t1
                     state["clock_s"] += state["calibration_s"]
                     state["calibrated"] = record["calibrated"] = True
@@ -611,8 +649,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True, command: str = "fin
     return RunResult(output_dir=str(final), history=history, summary=summary)
 
 
-def _evaluation_line(result: dict[str, float]) -> str:
-    return f"loss {result['heldout_loss']:.3f}, exact-match accuracy {100 * result['accuracy']:.1f}%"
+def _evaluation_line(result: dict[str, float | None]) -> str:
+    accuracy = result["accuracy"]
+    return f"loss {result['heldout_loss']:.3f}" + ("" if accuracy is None else
+                                                   f", exact-match accuracy {100 * accuracy:.1f}%")
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -757,17 +797,17 @@ def run_sensitivity(cfg: FinetuneConfig) -> tuple[list[dict[str, Any]], str]:
         ValueError: As :func:`run_finetune`.
     """
     import dropbp
-    from dropbp.app.data import collate, tokenize_example
+    from dropbp.app.data import collate, tokenize_examples
     from dropbp.app.plots import plot_sensitivity
 
     final, train, _, model, tokenizer = _prepare_run(cfg, "sensitivity", need_full_batch=False)
     d = cfg.dropbp
     handle = dropbp.apply(model, drop_rate=0.0, seed=d.seed, branches=d.branches)
-    examples = next(BatchStream(train, cfg.batch_size, cfg.seed)) if len(train) >= cfg.batch_size else train
-    batch = collate([tokenize_example(tokenizer, e["prompt"], e["response"], cfg.seq_len) for e in examples],
-                    tokenizer.pad_token_id)
+    tokenized = tokenize_examples(tokenizer, train, cfg.seq_len)
+    items = next(BatchStream(tokenized, cfg.batch_size, cfg.seed)) if len(tokenized) >= cfg.batch_size else tokenized
+    batch = collate(items, tokenizer.pad_token_id)
     model.train()
-    sample = _first_examples(batch, d.sensitivity_examples)
+    sample = first_examples(batch, d.sensitivity_examples)
     sensitivity = handle.sensitivity(lambda: model(**sample).loss, metric=d.sensitivity_metric)
     rates = handle.allocate(d.drop_rate, sensitivity, max_rate=d.max_rate, method=d.allocation)
     rows = [

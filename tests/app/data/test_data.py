@@ -317,7 +317,7 @@ def test_missing_file_and_directory(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples(tmp_path / "nope.jsonl")
     assert str(info.value) == f"{tmp_path / 'nope.jsonl'}: file not found"
-    with pytest.raises(DataError, match="is a directory"):
+    with pytest.raises(DataError, match="is a folder without a saved dataset"):
         load_examples(tmp_path)
 
 
@@ -471,15 +471,16 @@ def test_training_on_masked_labels_reaches_exact_match(tiny_tokenizer):
 
 
 def test_import_is_light():
-    # ``import dropbp`` itself imports torch, so load the two data modules from their files.
+    # ``import dropbp`` itself imports torch: stand in empty parent packages, so that only the data
+    # package and its modules run.
     script = (
-        "import importlib.util, sys\n"
-        f"for name, path in [('dd', {str(DATA_DIR / '__init__.py')!r}), ('dg', {str(DATA_DIR / 'generate.py')!r})]:\n"
-        "    spec = importlib.util.spec_from_file_location(name, path)\n"
-        "    module = importlib.util.module_from_spec(spec)\n"
-        "    sys.modules[name] = module\n"
-        "    spec.loader.exec_module(module)\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'numpy') if m in sys.modules))\n"
+        "import sys, types\n"
+        f"for name, path in [('dropbp', {str(DATA_DIR.parent.parent)!r}), ('dropbp.app', {str(DATA_DIR.parent)!r})]:\n"
+        "    package = types.ModuleType(name)\n"
+        "    package.__path__ = [path]\n"
+        "    sys.modules[name] = package\n"
+        "import dropbp.app.data, dropbp.app.data.generate\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'numpy', 'datasets') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

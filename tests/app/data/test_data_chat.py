@@ -130,7 +130,7 @@ def test_earlier_turns_may_be_empty(tmp_path):
 
 def test_first_line_neither_format(tmp_path):
     with pytest.raises(DataError) as info:
-        load_examples(_write(tmp_path / "x.jsonl", ['{"text": "hi"}']))
+        load_examples(_write(tmp_path / "x.jsonl", ['{"title": "hi"}']))
     assert 'line 1: missing "prompt" (give "prompt" and "response", or "messages" for the chat format)' in str(info.value)
     with pytest.raises(DataError, match='line 1: expected a JSON object with "prompt" and "response" or with "messages"'):
         load_examples(_write(tmp_path / "y.jsonl", ["[1]"]))
