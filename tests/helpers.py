@@ -37,11 +37,11 @@ def run_cli(env_root, *argv, offline=True):
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=600)
 
 
-def put_dataset_in_hub_cache(root: Path, repo: str, rows: list[dict]) -> Path:
+def put_dataset_in_hub_cache(root: Path, repo: str, rows: list[dict], config: str = "default") -> Path:
     """Write ``rows`` where ``datasets.load_dataset(repo)`` finds a dataset fetched earlier, with ``HF_HOME=root``.
 
     The layout is the one ``datasets`` writes on a first download from the Hub:
-    ``<root>/datasets/<owner>___<name>/default/0.0.0/<commit>/`` holding ``<name>-train.arrow``
+    ``<root>/datasets/<owner>___<name>/<config>/0.0.0/<commit>/`` holding ``<name>-train.arrow``
     and ``dataset_info.json``; both files come from ``datasets``' own JSON builder.
 
     Returns:
@@ -50,14 +50,14 @@ def put_dataset_in_hub_cache(root: Path, repo: str, rows: list[dict]) -> Path:
     from datasets.packaged_modules.json.json import Json
 
     owner, name = repo.split("/")
-    work = root / "scratch" / name
+    work = root / "scratch" / name / config
     work.mkdir(parents=True)
     source = work / f"{name}.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    builder = Json(cache_dir=str(work / "build"), dataset_name=name, config_name="default",
+    builder = Json(cache_dir=str(work / "build"), dataset_name=name, config_name=config,
                    data_files={"train": str(source)})
     builder.download_and_prepare()
-    target = root / "datasets" / f"{owner}___{name}" / "default" / "0.0.0" / ("c" * 40)
+    target = root / "datasets" / f"{owner}___{name}" / config / "0.0.0" / ("c" * 40)
     target.mkdir(parents=True)
     for file in (f"{name}-train.arrow", "dataset_info.json"):
         shutil.copy(Path(builder.cache_dir) / file, target / file)

@@ -276,3 +276,20 @@ def test_a_hub_dataset_that_is_not_cached_is_a_one_line_error(tmp_path):
     assert line.startswith("ERROR dataset 'someone/not-fetched' is not a local file or folder and is not in the "
                            "Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE)")
     assert "datasets.load_dataset('someone/not-fetched')" in line
+
+
+def test_a_hub_dataset_with_several_configurations_needs_data_config(tmp_path):
+    put_dataset_in_hub_cache(tmp_path / "hf", "someone/mixed", ALPACA, config="alpaca")
+    put_dataset_in_hub_cache(tmp_path / "hf", "someone/mixed", SHAREGPT, config="sharegpt")
+    script = ("from dropbp.app.data import DataError, load_examples\n"
+              "print('OK', [e['response'] for e in load_examples('someone/mixed', config='sharegpt')])\n"
+              "for config in (None, 'nope'):\n"
+              "    try:\n        load_examples('someone/mixed', config=config)\n"
+              "    except DataError as e:\n        print('ERROR', e)\n")
+    done = _load_offline(tmp_path / "hf", script)
+    assert done.returncode == 0, done.stderr
+    ok, several, wrong = done.stdout.strip().splitlines()[-3:]
+    assert ok == "OK ['Hello!', '6']"
+    assert several.startswith("ERROR dataset 'someone/mixed' has several configurations; pass one with --data-config")
+    assert "alpaca, sharegpt" in several
+    assert wrong.startswith("ERROR dataset 'someone/mixed' has no configuration 'nope'") and "sharegpt" in wrong

@@ -287,13 +287,13 @@ def _open_dataset(datasets: Any, path: Path, name: str, split: str | None, confi
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
         except Exception as error:  # pyarrow and pandas raise many kinds; the message is what helps
-            raise DataError(f"{name}: cannot read as {builder.upper()} ({_first_line(error)})") from error
+            raise DataError(f"{name}: cannot read as {builder.upper()} ({_one_line(error)})") from error
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             try:
                 saved = datasets.load_from_disk(str(path))
             except Exception as error:
-                raise DataError(f"{name}: cannot read the saved dataset ({_first_line(error)})") from error
+                raise DataError(f"{name}: cannot read the saved dataset ({_one_line(error)})") from error
             if isinstance(saved, datasets.DatasetDict):
                 return _pick_split(saved, name, split)
             if split not in (None, "train"):
@@ -306,7 +306,7 @@ def _open_dataset(datasets: Any, path: Path, name: str, split: str | None, confi
     try:
         return datasets.load_dataset(str(path) if path.is_dir() else name, config, split=split, revision=revision)
     except Exception as error:
-        reason = _first_line(error)
+        reason = _one_line(error)
         if "unknown split" in reason.lower():
             raise DataError(f"{name}: {reason} (pass one with --data-split or --eval-split)") from error
         if path.is_dir():
@@ -340,8 +340,11 @@ def _pick_split(splits: Mapping[str, Any], name: str, split: str | None) -> Any:
 def _hub_problem(name: str, config: str | None, reason: str) -> str:
     from huggingface_hub import constants
 
-    if "config" in reason.lower() and ("available" in reason.lower() or "missing" in reason.lower()):
-        return f"dataset {name!r}: {reason} (pass one with --data-config)"
+    low = reason.lower()
+    if "config" in low and any(word in low for word in ("available", "missing", "multiple", "pick one")):
+        if config:
+            return f"dataset {name!r} has no configuration {config!r} ({reason}); pass one of its own with --data-config"
+        return f"dataset {name!r} has several configurations; pass one with --data-config ({reason})"
     fetch = (f"fetch it once with network access: python -c \"import datasets; datasets.load_dataset('{name}'"
              + (f", '{config}'" if config else "") + ")\"")
     where = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not give it"
@@ -349,9 +352,10 @@ def _hub_problem(name: str, config: str | None, reason: str) -> str:
             f"({reason}); check the name or path, or {fetch}")
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+def _one_line(error: Exception) -> str:
+    """The error's message on one line (datasets puts the useful part, e.g. the configurations, on a second)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ----------------------------------------------------------------------------- formats
