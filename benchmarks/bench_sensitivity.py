@@ -167,14 +167,14 @@ def train_step(model, optimizer, batch) -> None:
 @contextlib.contextmanager
 def branch_by_branch():
     """The sensitivity measurement as it was before the batched path: one partial backward per branch."""
-    import dropbp.sensitivity
+    import dropbp.calibration
 
-    saved = dropbp.sensitivity._block_modules
-    dropbp.sensitivity._block_modules = lambda _handle: None
+    saved = dropbp.calibration.block_modules
+    dropbp.calibration.block_modules = lambda *_: None
     try:
         yield
     finally:
-        dropbp.sensitivity._block_modules = saved
+        dropbp.calibration.block_modules = saved
 
 
 def first_examples(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dropbp.allocation import allocate_drop_rates
+from dropbp.api import apply
+from dropbp.branches import Branch
 from dropbp.config import DropBPConfig
 from dropbp.errors import DropBPError
-from dropbp.handle import DropBPHandle, apply, find_handle
-from dropbp.hooks import Branch
+from dropbp.handle import DropBPHandle, find_handle
 from dropbp.masks import sample_mask
 from dropbp.verify import CheckReport, CheckResult, check
 

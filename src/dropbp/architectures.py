@@ -138,7 +138,7 @@ def _match(model: nn.Module, patterns: Sequence[str]) -> list[BranchSpec]:
     return specs
 
 
-def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The ModuleList of same-class blocks holding the most parameters: the layer stack."""
     best, best_size = None, 0
     for name, module in model.named_modules():
@@ -171,7 +171,7 @@ def residual_argument(module: nn.Module) -> str | None:
 def _refuse_residual_inside(model: nn.Module, specs: list[BranchSpec]) -> None:
     """Refuse branches that add the residual inside: by their signature, or whole decoder layers."""
     modules = dict(model.named_modules())
-    layers = _decoder_layers(model) if find_model_type(model) is not None else None
+    layers = decoder_layers(model) if find_model_type(model) is not None else None
     layer_ids = {id(layer) for layer in layers[1]} if layers is not None else set()
     for spec in specs:
         if id(modules[spec.start]) in layer_ids:
@@ -196,7 +196,7 @@ def _refuse_residual_inside(model: nn.Module, specs: list[BranchSpec]) -> None:
 
 
 def _fallback(model: nn.Module) -> list[BranchSpec]:
-    found = _decoder_layers(model)
+    found = decoder_layers(model)
     if found is None:
         return []
     prefix, layers = found

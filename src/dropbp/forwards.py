@@ -1,26 +1,31 @@
-"""Which training forward each branch call belongs to, and what that forward keeps.
+"""The routing: which training forward each branch call belongs to, and what that forward keeps.
 
 The hooks (:mod:`dropbp.hooks`) ask this object three questions: which forward is this
 call part of (a new one at the root, the running one inside it, the recomputed one in a
 backward), what to do before the branch runs (count FLOPs at a new training shape, plan
 a checkpoint replay), and what to do after it (keep the output, capture it for the
-sensitivity measurement). One ``Forwards`` serves one handle; its state is per process
-and, where it lives from a pre-hook to a post-hook, per thread.
+sensitivity measurement). One ``Forwards`` serves one model's branch table and mask
+stream; its state is per process and, where it lives from a pre-hook to a post-hook, per
+thread. The environment checks (``torch.compile``, a DDP wrapper, a DeepSpeed engine) run
+here, once per training forward, when its context is made.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dropbp import hooks
+from dropbp.branches import BranchTable
 from dropbp.checkpointing import (
     ForwardContext,
     RecomputeKeys,
@@ -31,12 +36,46 @@ from dropbp.checkpointing import (
 )
 from dropbp.distributed import require_find_unused
 from dropbp.errors import COMPILE_REFUSED, SENSITIVITY_THROUGH_ENGINE_REFUSED, DropBPError
+from dropbp.flops import FlopMeter
+from dropbp.masks import MaskStream
+from dropbp.tensors import first_input, replace_items
 from dropbp.zero import active_engine, guard_engine
 
-if TYPE_CHECKING:
-    from dropbp.handle import DropBPHandle
+__all__ = ["Forwards", "Frame", "ThreadState", "refuse_compile"]
 
-__all__ = ["Forwards", "refuse_compile"]
+
+class ThreadState(threading.local):
+    """What one thread's hooks hand each other; another thread's forwards never see it.
+
+    Attributes:
+        active: One entry per entry-module call running in this thread: the forward's
+            context, or None for a forward that trains nothing (eval mode, ``no_grad``,
+            ``generate``). An entry module called inside another repeats the outer entry.
+        opened: Parallel to ``active``: the depth of the entry module that started that
+            forward, and whether this call started it (so that only its post-hook closes it).
+        frames: Branch index -> the open calls' :class:`Frame` (pre-hook to post-hook).
+        recompute: Branch index -> the forward whose recompute is running, in a backward.
+        task: The backward (graph task id) that will clear ``recompute`` when it ends.
+    """
+
+    def __init__(self) -> None:
+        self.active: list[ForwardContext | None] = []
+        self.opened: list[tuple[int, bool]] = []
+        self.frames: dict[int, list[Frame]] = {}
+        self.recompute: dict[int, ForwardContext] = {}
+        self.task: int | None = None
+
+
+@dataclass
+class Frame:
+    """What a branch's pre-hook hands to its post-hook for one call."""
+
+    context: ForwardContext
+    grad_was_enabled: bool
+    dropped: bool
+    recompute: bool = False
+    counting: Any = None  # the open FLOP count, on the first call at a new training shape
+    keep_rng: tuple | None = None  # (RNG states, device) when the output is kept for a replay
 
 
 def refuse_compile() -> None:
@@ -63,18 +102,32 @@ def _output_tensors(output: Any) -> list[torch.Tensor]:
 
 
 class Forwards:
-    """The per-forward routing behind one handle's hooks.
+    """The per-forward routing behind one model's hooks.
 
     Args:
-        handle: The handle whose mask stream, rates and branches it serves.
+        model: The module DropBP was applied to (for the DeepSpeed guard).
+        table: Its branch table.
+        stream: The mask stream a new training forward takes its mask from.
+        meter: The FLOP meter of the branches.
+        draw: Advances the stream and returns the new mask (with ``auto_step``, each
+            training forward calls it once).
+        auto_step: Whether each training forward draws the next mask.
+        replay: Under gradient checkpointing, replay a dropped branch's kept output in the
+            recompute instead of running it again.
     """
 
-    def __init__(self, handle: DropBPHandle):
-        self.handle = handle
-        self.thread = hooks.ThreadState()
+    def __init__(self, model: Any, table: BranchTable, stream: MaskStream, meter: FlopMeter,
+                 draw: Callable[[], tuple[bool, ...]], auto_step: bool, replay: bool):
+        self.model, self.table, self.stream, self.meter, self.draw = model, table, stream, meter, draw
+        self.auto_step, self.replay = auto_step, replay
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """The per-process state: a copy or an unpickled model starts with none of it."""
+        self.thread = ThreadState()
         self.keys = RecomputeKeys()
         self.replays = Replays(
-            [b.module if b.end_module is b.module else None for b in handle.branches], self.replay_context
+            [b.module if b.end_module is b.module else None for b in self.table.branches], self.replay_context
         )
         self._standing: ForwardContext | None = None
         self._captured: list[ForwardContext] | None = None  # while capturing: every training forward
@@ -84,18 +137,43 @@ class Forwards:
         self._checked_engines: weakref.WeakSet = weakref.WeakSet()
         self._running: dict[int, ForwardContext] = {}  # id -> a forward whose backward is running
 
+    _PERSISTENT = ("model", "table", "stream", "meter", "draw", "auto_step", "replay")
+
+    def _refuse_copy_while_kept(self, action: str) -> None:
+        if any(self.replays.shadowed()):
+            raise DropBPError(
+                f"cannot {action} the model while outputs are kept for a gradient-checkpointing recompute; "
+                f"{action} it before the training forward or after its backward"
+            )
+
+    def __deepcopy__(self, memo: dict) -> Forwards:
+        # Reached through the hooks when the model is deep-copied: the copy routes the copied modules,
+        # with the same stream state (seed, step, rates), and nothing in flight.
+        self._refuse_copy_while_kept("copy")
+        clone = object.__new__(Forwards)
+        memo[id(self)] = clone
+        for name in self._PERSISTENT:
+            setattr(clone, name, copy.deepcopy(getattr(self, name), memo))
+        clone._init_runtime()
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Reached through the hooks when the model is pickled (torch.save(model)): the unpickled model
+        # has DropBP with the same rates, seed and step; the per-process state starts afresh.
+        self._refuse_copy_while_kept("pickle")
+        return {name: getattr(self, name) for name in self._PERSISTENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
     def new_context(self) -> ForwardContext:
         """The context of a training forward of the root module, with its mask."""
         if torch.compiler.is_compiling():
             refuse_compile()
         self._check_ddp_wrapper()
         self._check_deepspeed_engine()
-        if self.handle._overrides:
-            mask = self.handle._overrides[-1]
-        elif self.handle.auto_step:
-            mask = tuple(self.handle.step())
-        else:
-            mask = tuple(self.handle._mask)
+        mask = self.draw() if self.auto_step and not self.stream.is_forced else self.stream.current()
         context = ForwardContext(mask)
         self.trained_forwards += 1
         if self._captured is not None:
@@ -120,15 +198,15 @@ class Forwards:
             return None
         # A layer or branch called directly, outside every entry module: it can only use the mask in
         # force, which is right where the caller steps the masks (auto_step=False) or forces one.
-        if self.handle.auto_step and not self.handle._overrides:
+        if self.auto_step and not self.stream.is_forced:
             if index is None:
                 return None
             raise DropBPError(
-                f"branch {self.handle.branches[index].name!r} ran in a training forward that entered neither the "
+                f"branch {self.table.branches[index].name!r} ran in a training forward that entered neither the "
                 "model DropBP was applied to nor a module holding all its branches, so no mask was drawn for it; "
                 "call the model (or its decoder), or apply with auto_step=False and call handle.step() each step"
             )
-        mask = self.handle._overrides[-1] if self.handle._overrides else tuple(self.handle._mask)
+        mask = self.stream.current()
         if self._standing is None or self._standing.mask != mask:
             self._standing = ForwardContext(mask)
         return self._standing
@@ -143,7 +221,7 @@ class Forwards:
         first = found[0]
         if len(found) > 1:  # one tensor fed several forwards: exact only where their masks agree
             if any(other.mask[i] != first.mask[i] for other in found[1:] for i in covers):
-                raise_ambiguous(self.handle.branches[covers[0]].name, found)
+                raise_ambiguous(self.table.branches[covers[0]].name, found)
             # Whose kept output to replay is unknown: run the branches again (same decisions).
             first = ForwardContext(first.mask)
         state = self.thread
@@ -189,13 +267,13 @@ class Forwards:
         if not live:
             return None  # not the recompute of a training forward
         if any(c.mask[index] != live[0].mask[index] for c in live):
-            raise_ambiguous(self.handle.branches[index].name, live)
+            raise_ambiguous(self.table.branches[index].name, live)
         return ForwardContext(live[0].mask)  # the decision is known, whose kept output is not
 
     def replay_context(self, index: int) -> ForwardContext | None:
         return self.thread.recompute.get(index)
 
-    def first_pass_call(self, frame: hooks.Frame, index: int, args: tuple, kwargs: dict) -> None:
+    def first_pass_call(self, frame: Frame, index: int, args: tuple, kwargs: dict) -> None:
         """Bookkeeping for a branch call in a training forward (not in its recompute)."""
         context = frame.context
         if frame.grad_was_enabled and torch.compiler.is_compiling():
@@ -203,24 +281,24 @@ class Forwards:
         calls = context.calls[index] = context.calls.get(index, 0) + 1
         if calls > 1:  # which call a recompute asks for is ambiguous: run the branch again there
             self.replays.discard(context, index)
-        frame.counting = self.handle._meter.start(index, args, kwargs)
-        self.handle.branches[index].flops = self.handle._meter.flops[index]
-        x = hooks.first_input(args, kwargs)
+        frame.counting = self.meter.start(index, args, kwargs)
+        self.table.branches[index].flops = self.meter.flops[index]
+        x = first_input(args, kwargs)
         if frame.dropped and not context.cut:
-            branch = self.handle.branches[index]
+            branch = self.table.branches[index]
             context.cut = (x is not None and x.requires_grad) or any(p.requires_grad for p in branch.parameters())
         if x is None:
             return
-        if calls == 1 and context.mask[index] and self.handle.replay and self._will_recompute(index, context):
+        if calls == 1 and context.mask[index] and self.replay and self._will_recompute(index, context):
             rng = rng_state(x.device)
             if rng is not None:
                 frame.keep_rng = (rng, x.device)
 
-    def after_call(self, frame: hooks.Frame, index: int, output: Any) -> Any:
+    def after_call(self, frame: Frame, index: int, output: Any) -> Any:
         """The post-hook's work once grad mode is restored; may return a replacement output."""
         if frame.counting is not None:
-            self.handle._meter.stop(index, frame.counting, completed=output is not None)
-            self.handle.branches[index].flops = self.handle._meter.flops[index]
+            self.meter.stop(index, frame.counting, completed=output is not None)
+            self.table.branches[index].flops = self.meter.flops[index]
         if output is None:  # the forward raised; always_call only restores state
             return None
         context = frame.context
@@ -258,12 +336,12 @@ class Forwards:
             while frames and frames[-1].context is context:
                 frame = frames.pop()
                 if frame.counting is not None:
-                    self.handle._meter.stop(index, frame.counting, completed=False)
+                    self.meter.stop(index, frame.counting, completed=False)
                 unclosed.append(index)
         if unclosed:
             torch.set_grad_enabled(True)  # a forward gets a context only when it starts with grad on
         if unclosed and sys.exc_info()[0] is None:  # always_call post-hooks also run while an error unwinds
-            branch = self.handle.branches[unclosed[0]]
+            branch = self.table.branches[unclosed[0]]
             raise DropBPError(
                 f"branch {branch.name!r} started but its last module never ran in this forward, so the rest of the "
                 "forward ran without gradients; pass branches= patterns whose modules the forward calls"
@@ -284,7 +362,7 @@ class Forwards:
             raise DropBPError(SENSITIVITY_THROUGH_ENGINE_REFUSED)
         if engine is None or engine in self._checked_engines:
             return
-        guard_engine(engine, self.handle.model, self.handle.auto_step)
+        guard_engine(engine, self.model, self.auto_step)
         self._checked_engines.add(engine)
 
     def _will_recompute(self, index: int, context: ForwardContext) -> bool:
@@ -295,10 +373,10 @@ class Forwards:
         rebuilt, so it reaches a dropped branch only if a later branch of the same layer
         builds a graph; keeping an output nobody replays would only cost memory.
         """
-        owner = self.handle._owners[index]
+        owner = self.table.owners[index]
         if owner is None or owner.gradient_checkpointing is not True or not owner.training:
             return False
-        return not torch.is_grad_enabled() or any(not context.mask[j] for j in self.handle._later_in_layer[index])
+        return not torch.is_grad_enabled() or any(not context.mask[j] for j in self.table.later_in_layer[index])
 
     def anchored(self, context: ForwardContext, output: Any) -> Any:
         """The entry module's output, made differentiable again where dropping cut its graph.
@@ -329,7 +407,7 @@ class Forwards:
                     output[key] = anchored
             return output
         if isinstance(output, (tuple, list)):
-            return hooks.replace_items(output, [anchor(value) for value in output])
+            return replace_items(output, [anchor(value) for value in output])
         return None
 
     @contextlib.contextmanager

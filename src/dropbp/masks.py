@@ -14,13 +14,17 @@ as a breaking change.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
+from typing import Any
 
-from dropbp.validation import check_rates
+from dropbp.schedules import DropSchedule, parse_schedule, scheduled_rates
+from dropbp.validation import check_int, check_mask, check_rate, check_rates
 
-__all__ = ["MASK_MODES", "sample_mask", "sample_structured_mask"]
+__all__ = ["MASK_MODES", "MaskStream", "sample_mask", "sample_structured_mask"]
 
 #: The mask modes: ``"random"`` (:func:`sample_mask`) and ``"structured"`` (:func:`sample_structured_mask`).
 MASK_MODES = ("random", "structured")
@@ -191,3 +195,143 @@ def sample_structured_mask(seed: int, step: int, rates: Sequence[float]) -> list
     lo, hi = max(Fraction(0), 2 * p - 1), min(Fraction(1), 2 * p)
     cut = int((lo + u * (hi - lo)) * n + Fraction(1, 2))  # floor: the value is >= 0
     return [i < cut for i in range(n)]
+
+
+class MaskStream:
+    """The mask sequence of one model: seed, step counter, per-branch rates (with their schedule), the mask in force.
+
+    Mask ``t`` is ``sample(seed, t, rates_at(t))`` with the mode's sampler, so the stream is
+    resumed exactly from ``(seed, step, rates, schedule)``. The stream is the only owner of
+    these values; the handle and the branch table read and set them through it.
+
+    Args:
+        count: Branches (the length of every mask and rate list).
+        seed: Seed of the stream.
+        rate: The initial rate of every branch.
+        mode: ``"random"`` (:func:`sample_mask`) or ``"structured"`` (:func:`sample_structured_mask`).
+    """
+
+    def __init__(self, count: int, seed: int, rate: float, mode: str = "random"):
+        if mode not in MASK_MODES:
+            raise ValueError(f"mask must be one of {', '.join(map(repr, MASK_MODES))}, got {mode!r}")
+        self.count = count
+        self.seed = check_int(seed, "seed")
+        self.mode = mode
+        self.step = 0
+        self.rates = [check_rate(rate)] * count
+        #: The rate the per-branch rates realise (their target), which a schedule scales.
+        self.target = float(rate)
+        self.schedule: DropSchedule | Callable[[int], float] | None = None
+        self.total_steps: int | None = None
+        self.mask: tuple[bool, ...] = (False,) * count
+        self._drop_counts = [0] * count
+        self._counted_steps = 0
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        # per process: a copy or an unpickled stream starts with no forced mask and its own lock
+        self._lock = threading.Lock()
+        self._forced: list[tuple[bool, ...]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_forced")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    # ------------------------------------------------------------------ drawing
+    def advance(self) -> tuple[int, tuple[bool, ...]]:
+        """Draw mask ``step``, make it the mask in force and move to the next step.
+
+        Returns:
+            The step drawn and its mask.
+        """
+        with self._lock:  # forwards in several threads each take their own step
+            step = self.step
+            sampler = sample_structured_mask if self.mode == "structured" else sample_mask
+            mask = tuple(sampler(self.seed, step, self.rates_at(step)))
+            self.step += 1
+            self.mask = mask
+            self._counted_steps += 1
+            for i, dropped in enumerate(mask):
+                self._drop_counts[i] += dropped
+        return step, mask
+
+    def current(self) -> tuple[bool, ...]:
+        """The mask a training forward uses now: the innermost forced one, else the mask in force."""
+        return self._forced[-1] if self._forced else self.mask
+
+    @property
+    def is_forced(self) -> bool:
+        """Whether a :meth:`forced` block is open."""
+        return bool(self._forced)
+
+    @contextlib.contextmanager
+    def forced(self, mask: Sequence[bool]) -> Iterator[None]:
+        """Within this block, every training forward uses ``mask`` and the stream stays put."""
+        self._forced.append(tuple(check_mask(mask, self.count)))
+        try:
+            yield
+        finally:
+            self._forced.pop()
+
+    def set_mask(self, mask: Sequence[bool]) -> None:
+        """Make ``mask`` the mask in force without moving the step counter."""
+        self.mask = tuple(check_mask(mask, self.count))
+
+    def tally(self, reset: bool = True) -> tuple[int, list[int]]:
+        """Masks drawn since the last reset, and how often each branch was dropped in them."""
+        steps, counts = self._counted_steps, list(self._drop_counts)
+        if reset:
+            self._drop_counts = [0] * self.count
+            self._counted_steps = 0
+        return steps, counts
+
+    # ------------------------------------------------------------------ rates
+    def set_rates(self, rates: Sequence[float] | float, target: float | None = None) -> list[float]:
+        """Set the per-branch rates (one number sets them all) and the target a schedule scales.
+
+        Raises:
+            ValueError: On a wrong length, or a rate that is NaN or outside ``[0, 1)``.
+        """
+        if isinstance(rates, (int, float)):
+            rates = [rates] * self.count
+        checked = check_rates(rates, self.count)
+        self.target = sum(checked) / max(1, len(checked)) if target is None else check_rate(target, "target")
+        self.rates = checked
+        return list(checked)
+
+    def set_rate(self, index: int, rate: float, name: str) -> None:
+        """Set one branch's rate (the target stays)."""
+        self.rates[index] = check_rate(rate, f"drop rate of {name}")
+
+    def set_schedule(self, schedule: str | Callable[[int], float] | None, total_steps: int | None = None) -> None:
+        """Let the rates follow a schedule of the step (see :meth:`dropbp.DropBPHandle.set_schedule`).
+
+        Raises:
+            ValueError: On a bad spec, or a spec that needs ``total_steps`` without it.
+        """
+        if isinstance(schedule, str):
+            schedule = parse_schedule(schedule)
+            if schedule.kind == "constant":
+                schedule = None
+        if schedule is not None and not isinstance(schedule, DropSchedule) and not callable(schedule):
+            raise ValueError(f"schedule must be a spec string or a callable step -> rate, got {schedule!r}")
+        total = None if total_steps is None else check_int(total_steps, "total_steps", minimum=1)
+        if isinstance(schedule, DropSchedule) and total is None:
+            raise ValueError(f"the drop schedule {schedule.spec!r} needs total_steps, the mask steps of the run")
+        self.schedule, self.total_steps = schedule, total
+
+    @property
+    def schedule_spec(self) -> str | None:
+        """The schedule as saved in a state dict: its spec, ``"callable"``, or None for constant rates."""
+        if self.schedule is None:
+            return None
+        return self.schedule.spec if isinstance(self.schedule, DropSchedule) else "callable"
+
+    def rates_at(self, step: int) -> list[float]:
+        """The per-branch rates in force at ``step`` (the schedule applied)."""
+        if self.schedule is None:
+            return list(self.rates)
+        return scheduled_rates(list(self.rates), self.schedule, step, self.total_steps or 0, self.target)

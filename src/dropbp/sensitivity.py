@@ -21,28 +21,14 @@ fails the branches are measured one by one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from dropbp import hooks
-from dropbp.architectures import find_config
-from dropbp.checkpointing import non_reentrant_checkpointing
-from dropbp.distributed import average_over_ranks, fsdp_modules, gathered
-from dropbp.errors import FSDP1_SENSITIVITY_REFUSED, ZERO3_SENSITIVITY_REFUSED, DropBPError
-from dropbp.zero import is_zero3_model
-
-if TYPE_CHECKING:
-    from dropbp.handle import DropBPHandle
-
-__all__ = [
-    "Block", "Metric", "exact_sensitivity", "measure_sensitivity", "naive_sensitivity", "score", "unmeasurable_loss",
-]
+__all__ = ["Block", "Metric", "exact_sensitivity", "gradient", "naive_sensitivity", "score"]
 
 Metric = Literal["grad_diff", "grad_norm_diff"]
 
@@ -357,176 +343,21 @@ def naive_sensitivity(
         One sensitivity per branch.
     """
 
-    def gradient(mask: list[bool]) -> list[torch.Tensor]:
-        return _gradient(loss_with_mask(mask), params)
+    def gradient_with(mask: list[bool]) -> list[torch.Tensor]:
+        return gradient(loss_with_mask(mask), params)
 
-    full = gradient([False] * num_branches)
+    full = gradient_with([False] * num_branches)
     result = []
     for i in range(num_branches):
         mask = [False] * num_branches
         mask[i] = True
-        dropped = gradient(mask)
+        dropped = gradient_with(mask)
         result.append(score(full, [g - d for g, d in zip(full, dropped)], metric))
     return result
 
 
-def _gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradient of ``loss`` for each of ``params`` (zeros where it does not reach one)."""
     if not loss.requires_grad:
         return [torch.zeros_like(p) for p in params]
     return _as_list(torch.autograd.grad(loss, params, allow_unused=True), params)
-
-
-def _block_modules(handle: DropBPHandle) -> list[tuple[nn.Module, list[int]]] | None:
-    """The modules that hold the branches (each branch's ancestor in a ``ModuleList``), or None.
-
-    None where a branch has no such ancestor, or is itself one (its block would not carry
-    the residual stream), or under gradient checkpointing (a recompute inside a batched
-    backward is not worth the risk; the branches are measured one by one there).
-    """
-    model = handle.model
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        return None
-    parent = {id(child): module for module in model.modules() for child in module.children()}
-    branch_modules = {id(m) for b in handle.branches for m in b.modules}
-    blocks: dict[int, tuple[nn.Module, list[int]]] = {}
-    for index, branch in enumerate(handle.branches):
-        module = branch.module
-        while id(module) in parent and not isinstance(parent[id(module)], nn.ModuleList):
-            module = parent[id(module)]
-        if id(module) not in parent or id(module) in branch_modules:
-            return None
-        blocks.setdefault(id(module), (module, []))[1].append(index)
-    return list(blocks.values())
-
-
-@contextlib.contextmanager
-def _recording_block_inputs(
-    blocks: list[tuple[nn.Module, list[int]]] | None, params: Sequence[torch.Tensor]
-) -> Iterator[Callable[[], list[Block] | None]]:
-    """Record each block's input during one forward; yields a getter of the :class:`Block` list.
-
-    The getter gives None unless every block ran exactly once and each one after the first
-    was called with the tensor the previous one returned.
-    """
-    if not blocks:
-        yield lambda: None
-        return
-    calls: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
-    entered: dict[int, torch.Tensor | None] = {}
-
-    def before(k: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            entered[k] = hooks.first_input(args, kwargs)
-        return hook
-
-    def after(k: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            calls.append((k, entered.pop(k, None), hooks.first_tensor(output)))
-        return hook
-
-    removers = []
-    for k, (module, _) in enumerate(blocks):
-        removers.append(module.register_forward_pre_hook(before(k), with_kwargs=True))
-        removers.append(module.register_forward_hook(after(k)))
-
-    trainable = {id(p) for p in params}
-
-    def result() -> list[Block] | None:
-        if sorted(k for k, _, _ in calls) != list(range(len(blocks))) or any(x is None for _, x, _ in calls):
-            return None
-        if any(calls[n + 1][1] is not calls[n][2] for n in range(len(calls) - 1)):
-            return None
-        return [Block(x, [p for p in blocks[k][0].parameters() if id(p) in trainable], blocks[k][1])
-                for k, x, _ in calls]
-
-    try:
-        yield result
-    finally:
-        for remover in removers:
-            remover.remove()
-
-
-def unmeasurable_loss(model: nn.Module) -> str | None:
-    """Why the fast measurement would miss part of the model's loss, or None.
-
-    An MoE model with ``output_router_logits`` adds an auxiliary loss on the router logits,
-    which transformers records with hooks inside the MoE branch: that path leaves the branch
-    without passing its output, so the partial backward from the output misses it (found by
-    ``dropbp check``'s sensitivity row, about 60-90% off on tiny Mixtral and Qwen2-MoE).
-    """
-    config = find_config(model)
-    if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 1.0):
-        return ("the fast sensitivity measurement misses the MoE router's auxiliary loss (output_router_logits=True); "
-                "measure with output_router_logits=False, use method='naive', or keep the rates uniform "
-                "(sensitivity_at=None)")
-    return None
-
-
-NO_TRAINING_FORWARD = (
-    "the sensitivity closure ran no training forward of the model (it is in eval mode, or gradients are off), "
-    "so no branch could be measured; call model.train() and return a loss that requires grad"
-)
-
-
-def measure_sensitivity(
-    handle: DropBPHandle, closure: Callable[[], torch.Tensor], metric: Metric = "grad_diff", method: str = "fast"
-) -> list[float]:
-    """Run the measurement behind :meth:`dropbp.DropBPHandle.sensitivity` (see there).
-
-    Every forward of the closure runs with a forced mask, so the mask stream does not move;
-    dropout draws are the same in every pass (the RNG is forked and rewound).
-    """
-    model = handle.model
-    fsdp1, fsdp2 = fsdp_modules(model)
-    if fsdp1:
-        raise DropBPError(FSDP1_SENSITIVITY_REFUSED)
-    if is_zero3_model(model):
-        raise DropBPError(ZERO3_SENSITIVITY_REFUSED)
-    if fsdp2 and method != "fast":
-        raise ValueError("under FSDP2 only method='fast' measures sensitivity; the naive check needs whole parameters")
-    if method not in ("fast", "naive"):
-        raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
-    problem = unmeasurable_loss(model) if method == "fast" else None
-    if problem is not None:
-        raise DropBPError(problem)
-    params = handle.trainable_parameters()
-    if not params:
-        raise ValueError("the model has no parameters that require grad; nothing to measure")
-    n = len(handle.branches)
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), non_reentrant_checkpointing(model):
-        rng = torch.get_rng_state()
-        cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
-
-        def loss_with_mask(mask: list[bool]) -> torch.Tensor:
-            torch.set_rng_state(rng)
-            for d, state in zip(devices, cuda_rng):
-                torch.cuda.set_rng_state(state, d)
-            before = handle._forwards.trained_forwards
-            with handle._forced(mask):
-                loss = closure()
-            if handle._forwards.trained_forwards == before:
-                raise ValueError(NO_TRAINING_FORWARD)
-            return loss
-
-        def dropped_gradient(index: int) -> list[torch.Tensor]:
-            mask = [False] * n
-            mask[index] = True
-            return _gradient(loss_with_mask(mask), params)
-
-        if method == "naive":
-            result = naive_sensitivity(loss_with_mask, n, params, metric)
-        else:
-            block_modules = None if fsdp2 else _block_modules(handle)
-            with handle._forwards.capturing() as captured, _recording_block_inputs(block_modules, params) as recorded:
-                loss = loss_with_mask([False] * n)
-                contexts = captured()  # every training forward of the closure (R-Drop, chosen/rejected, ...)
-                outputs = [[call for c in contexts for call in (c.capture or {}).get(i, [])] for i in range(n)]
-                blocks = recorded() if len(contexts) == 1 else None
-            with gathered(fsdp2) as gather:
-                if fsdp2:  # the graph's leaves are the unsharded parameters, held only while gathered
-                    params = handle.trainable_parameters()
-                result = exact_sensitivity(loss, outputs, params, metric, before_backward=gather,
-                                           dropped_gradient=dropped_gradient, blocks=blocks)
-            del loss, outputs, blocks
-    return average_over_ranks(result, params[0].device)

@@ -40,15 +40,16 @@ from torch import nn
 
 from dropbp.architectures import (
     BranchSpec,
-    _decoder_layers,
+    decoder_layers,
     find_config,
     resolve_branches,
 )
+from dropbp.calibration import unmeasurable_loss
 from dropbp.errors import DropBPError
-from dropbp.hooks import first_tensor, replace_first_tensor
+from dropbp.handle import attach_handle, find_handle
 from dropbp.masks import sample_mask
 from dropbp.reference import detach_branches
-from dropbp.sensitivity import unmeasurable_loss
+from dropbp.tensors import first_tensor, replace_first_tensor
 from dropbp.tiny import example_batch, tiny_causal_lm
 
 __all__ = [
@@ -190,7 +191,7 @@ class _Stream:
 
 
 def _find_stream(model: nn.Module) -> _Stream | None:
-    found = _decoder_layers(model)
+    found = decoder_layers(model)
     if found is None or len(found[1]) == 0:
         return None
     layers = found[1]
@@ -289,7 +290,7 @@ def check_residual_stream(model: nn.Module, handle: Any, inputs: Any, *, seed: i
         return CheckResult(name, None, "the first layer's input or the last layer's output is not a tensor")
     identity = stream.start.shape == stream.end.shape and torch.equal(stream.start, stream.end)
     stream.start = stream.end = stream.start_grad = stream.end_grad = None
-    with handle._forced([True] * len(handle.branches)), torch.enable_grad():
+    with handle.forced([True] * len(handle.branches)), torch.enable_grad():
         with _same_randomness(seed), _probe(stream):
             output = _call(model, inputs)
             loss = _loss(output, seed)
@@ -497,8 +498,6 @@ def check(
     Raises:
         ValueError: If DropBP is already attached to ``model``, or a plain module gets no ``inputs``.
     """
-    from dropbp.handle import _attach, find_handle
-
     if find_handle(model) is not None:
         raise ValueError("DropBP is already attached to this model; call handle.remove() before dropbp.check(model)")
     if inputs is None:
@@ -532,7 +531,7 @@ def check(
             generated = _generate(model, prompt)
         model.train()
         # Not dropbp.apply: its verification of fallback branches would refuse what this reports on.
-        handle = _attach(model, branches, auto_step=False, drop_rate=0.0)
+        handle = attach_handle(model, branches, auto_step=False, drop_rate=0.0)
         try:
             _run_checks(report, model, handle, inputs, seed, reference_logits, reference_grads,
                         eval_reference, generated, prompt)

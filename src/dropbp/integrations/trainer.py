@@ -17,8 +17,9 @@ from dropbp.checkpointing import reentrant_checkpointing, unswitchable_checkpoin
 from dropbp.config import DropBPConfig
 from dropbp.distributed import fsdp_modules
 from dropbp.errors import COMPILE_REFUSED, FSDP1_SENSITIVITY_REFUSED, DropBPError
-from dropbp.handle import DropBPHandle, apply, find_handle
-from dropbp.sensitivity import unmeasurable_loss
+from dropbp.api import apply
+from dropbp.handle import DropBPHandle, find_handle
+from dropbp.calibration import unmeasurable_loss
 from dropbp.verify import CallArguments, require_sound_branches
 from dropbp.zero import refuse_zero3
 
