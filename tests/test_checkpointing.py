@@ -10,6 +10,7 @@ import gc
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import assert_same_grads as assert_same_parameter_grads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,11 +127,7 @@ def run(pattern, checkpointing: str, auto_step: bool):
 
 
 def assert_same_grads(got: dict, expected: dict) -> None:
-    for name, want in expected.items():
-        have = got[name]
-        assert (want is None) == (have is None), name
-        if want is not None:
-            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_parameter_grads(got, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("auto_step", [True, False])

@@ -5,17 +5,18 @@ paper code's detach reference at the same mask."""
 from __future__ import annotations
 
 import copy
+
 import io
 import pickle
 
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import assert_same_grads, detach_reference_grads, parameter_grads
 
 import dropbp
 from dropbp.errors import DropBPError
 from dropbp.masks import sample_mask
-from dropbp.reference import detach_branches
 
 LAYERS = 2
 NAMES = [f"model.layers.{i}.{b}" for i in range(LAYERS) for b in ("self_attn", "mlp")]
@@ -44,37 +45,15 @@ def half_the_layers_frozen():
     return model
 
 
+def trainable_grads(model) -> dict[str, torch.Tensor | None]:
+    return parameter_grads(model, trainable_only=True)
+
+
+def assert_exact(got: dict, expected: dict) -> None:
+    assert_same_grads(got, expected, rtol=1e-5, atol=1e-7)
+
+
 SUBSETS = [attention_only_lora, mlp_only_lora, half_the_layers_frozen]
-
-
-def grads_of(model) -> dict[str, torch.Tensor | None]:
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def detach_grads(model, mask, loss_of) -> dict[str, torch.Tensor | None]:
-    """The reference: a copy without DropBP whose dropped branches' outputs are detached.
-
-    Where every branch that carries gradient is detached the loss has no graph: the plain
-    model could not run that backward, and no parameter gets a gradient.
-    """
-    reference = copy.deepcopy(model)
-    handle = dropbp.find_handle(reference)
-    modules = [b.module for b in handle.branches]
-    handle.remove()
-    reference.zero_grad(set_to_none=True)
-    with detach_branches(modules, mask):
-        loss = loss_of(reference)
-    if loss.requires_grad:
-        loss.backward()
-    return grads_of(reference)
-
-
-def assert_same(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    for name, want in expected.items():
-        assert (want is None) == (got[name] is None), name
-        if want is not None:
-            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def batch(seed: int = 1) -> torch.Tensor:
@@ -119,7 +98,7 @@ def test_gradients_equal_the_detach_reference_at_every_mask(build):
         handle.set_mask(mask)
         model.zero_grad(set_to_none=True)
         causal_lm_loss(model, x).backward()
-        assert_same(grads_of(model), detach_grads(model, mask, lambda m: causal_lm_loss(m, x)))
+        assert_exact(trainable_grads(model), detach_reference_grads(model, mask, lambda m: causal_lm_loss(m, x)))
 
 
 def test_an_hf_trainer_with_peft_default_lora_trains_at_a_high_drop_rate(tmp_path):
@@ -158,7 +137,7 @@ def test_training_through_the_decoder_draws_a_mask_per_forward(peft):
         decoder_loss(model, x).backward()
         assert handle.step_count == step + 1
         assert handle.mask == mask
-        assert_same(grads_of(model), detach_grads(model, mask, lambda m: decoder_loss(m, x)))
+        assert_exact(trainable_grads(model), detach_reference_grads(model, mask, lambda m: decoder_loss(m, x)))
     assert len(set(masks)) > 1
     # A forward of the whole model, with the decoder called inside it, is one forward: one mask.
     causal_lm_loss(model, x).backward()
@@ -178,7 +157,7 @@ def test_the_model_left_by_merge_and_unload_draws_its_own_masks():
         merged.zero_grad(set_to_none=True)
         causal_lm_loss(merged, x).backward()
         assert handle.step_count == step + 1
-        assert_same(grads_of(merged), detach_grads(merged, mask, lambda m: causal_lm_loss(m, x)))
+        assert_exact(trainable_grads(merged), detach_reference_grads(merged, mask, lambda m: causal_lm_loss(m, x)))
 
 
 def test_a_layer_called_directly_needs_the_caller_to_step_the_masks():
@@ -237,6 +216,52 @@ def test_pickle_and_torch_save_keep_dropbp_with_its_mask_stream():
         causal_lm_loss(m, x).backward()
     for other in copies:
         assert dropbp.find_handle(other).step_count == handle.step_count == 2
-        assert_same(grads_of(other), grads_of(model))
+        assert_exact(trainable_grads(other), trainable_grads(model))
         dropbp.find_handle(other).remove()
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in other.modules())
+
+
+def test_the_engine_works_without_a_handle():
+    """The layers below the handle are whole: a branch table, a mask stream, a FLOP meter and the routing, with the
+    hooks registered by hand, drop exactly what the stream says (the detach reference at the same mask)."""
+    from dropbp import hooks
+    from dropbp.architectures import resolve_branches
+    from dropbp.branches import BranchTable
+    from dropbp.flops import FlopMeter
+    from dropbp.forwards import Forwards
+    from dropbp.masks import MaskStream
+    from dropbp.reference import detach_branches
+
+    model = tiny_llama()
+    model.train()
+    reference = copy.deepcopy(model)
+    specs = resolve_branches(model, None)
+    stream = MaskStream(len(specs), seed=3, rate=0.5)
+    table = BranchTable(model, specs, stream)
+    meter = FlopMeter(len(table), param_counts=[0] * len(table), names=[b.name for b in table.branches])
+    routing = Forwards(model, table, stream, meter, draw=lambda: stream.advance()[1], auto_step=True, replay=True)
+    removers = []
+    for depth, module in enumerate(table.entry_modules):
+        entry = hooks.EntryHook(routing, module, depth)
+        removers += hooks.register(module, pre=entry.pre, post=entry.post)
+    for module, indices in table.covers:
+        removers += hooks.register(module, pre=hooks.KeyHook(routing, indices))
+    for branch in table.branches:
+        hook = hooks.BranchHook(routing, branch.index)
+        removers += hooks.register(branch.module, pre=hook.pre)
+        removers += hooks.register(branch.end_module, post=hook.post)
+
+    x = batch()
+    dropped = 0
+    for step in range(3):  # each training forward draws the stream's next mask
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model, x).backward()
+        assert stream.step == step + 1
+        dropped += sum(stream.mask)
+        reference.zero_grad(set_to_none=True)
+        with detach_branches([reference.get_submodule(b.name) for b in table.branches], list(stream.mask)):
+            causal_lm_loss(reference, x).backward()
+        assert_exact(trainable_grads(model), trainable_grads(reference))
+    assert dropped > 0 and all(f is not None for f in meter.flops) and dropbp.find_handle(model) is None
+    for remover in removers:
+        remover.remove()

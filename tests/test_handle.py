@@ -5,20 +5,17 @@ import inspect
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import parameter_grads
 
 import dropbp
 from dropbp.memory import ActivationMeter
 from dropbp.reference import detach_branches
 
 
-def grads(model):
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-
-
 def train_step_grads(model, batch):
     model.zero_grad(set_to_none=True)
     model(batch, labels=batch).loss.backward()
-    return grads(model)
+    return parameter_grads(model)
 
 
 MASK = [True, False, False, True, True, False]
@@ -275,12 +272,12 @@ def test_sensitivity_leaves_grads_masks_and_rng_alone(llama, batch):
     handle = dropbp.apply(llama, drop_rate=0.5, seed=1)
     llama.train()
     llama(batch, labels=batch).loss.backward()
-    before = grads(llama)
+    before = parameter_grads(llama)
     mask, step = handle.mask, handle.step_count
     values = handle.sensitivity(lambda: llama(batch, labels=batch).loss)
     assert len(values) == 6 and all(v > 0 for v in values)
     assert handle.mask == mask and handle.step_count == step
-    after = grads(llama)
+    after = parameter_grads(llama)
     assert all(torch.equal(before[n], after[n]) for n in before if before[n] is not None)
     assert handle.sensitivities == values
 

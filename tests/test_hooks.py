@@ -10,30 +10,19 @@ import weakref
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import assert_same_grads, detach_reference_grads, parameter_grads
 
 import dropbp
-from dropbp.reference import detach_branches
 
 
 def grads_of(model, x) -> dict[str, torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     model(x, labels=x).loss.backward()
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    return parameter_grads(model, trainable_only=True)
 
 
-def reference_grads(model, names: list[str], mask: list[bool], x) -> dict[str, torch.Tensor | None]:
-    reference = copy.deepcopy(model)
-    dropbp.find_handle(reference).remove()
-    reference.train()
-    with detach_branches([reference.get_submodule(n) for n in names], mask):
-        return grads_of(reference, x)
-
-
-def assert_same(got: dict, expected: dict) -> None:
-    for name, want in expected.items():
-        assert (want is None) == (got[name] is None), name
-        if want is not None:
-            torch.testing.assert_close(got[name], want, msg=name)
+def reference_grads(model, mask: list[bool], x) -> dict[str, torch.Tensor | None]:
+    return detach_reference_grads(model, mask, lambda reference: reference(x, labels=x).loss)
 
 
 def test_a_deep_copy_gets_its_own_working_handle(batch):
@@ -53,15 +42,14 @@ def test_a_deep_copy_gets_its_own_working_handle(batch):
         dropbp.apply(clone)
 
     # Each follows its own mask.
-    names = [b.name for b in handle.branches]
     handle.set_mask([False, True] * 3)
     clone_handle.set_mask([True, True, False, False, True, False])
-    assert_same(grads_of(clone, batch), reference_grads(clone, names, clone_handle.mask, batch))
-    assert_same(grads_of(model, batch), reference_grads(model, names, handle.mask, batch))
+    assert_same_grads(grads_of(clone, batch), reference_grads(clone, clone_handle.mask, batch))
+    assert_same_grads(grads_of(model, batch), reference_grads(model, handle.mask, batch))
 
     clone_handle.remove()  # the original keeps working
     assert dropbp.find_handle(clone) is None
-    assert_same(grads_of(model, batch), reference_grads(model, names, handle.mask, batch))
+    assert_same_grads(grads_of(model, batch), reference_grads(model, handle.mask, batch))
 
 
 def test_a_model_with_dropbp_is_garbage_collected(batch):
@@ -90,9 +78,8 @@ def test_forwards_in_several_threads_each_get_their_own_state(batch):
     model.train()
     handle = dropbp.apply(model, auto_step=False)
     handle.set_mask([True, False, False, True, True, False])
-    names = [b.name for b in handle.branches]
     params = [p for p in model.parameters()]
-    expected = reference_grads(model, names, handle.mask, batch)
+    expected = reference_grads(model, handle.mask, batch)
 
     results, errors = [], []
 
@@ -114,7 +101,7 @@ def test_forwards_in_several_threads_each_get_their_own_state(batch):
     assert len(results) == 20
     for grad_enabled, grads in results:
         assert grad_enabled
-        assert_same(dict(zip(expected, grads)), expected)
+        assert_same_grads(dict(zip(expected, grads)), expected)
 
 
 def test_auto_step_in_threads_takes_each_step_once(batch):

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_llama  # noqa: E402
-from test_trainer import MaskLog, StopAt, TokenData, training_args  # noqa: E402
+from trainer_helpers import MaskLog, StopAt, TokenData, training_args  # noqa: E402
 
 from dropbp import DropBPCallback  # noqa: E402
 

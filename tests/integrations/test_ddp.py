@@ -1,32 +1,26 @@
 """DDP with 2 gloo processes launched by torchrun (CPU)."""
 
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import torchrun
 
 import dropbp
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(mode: str, out: Path, worker: str = WORKER.name, *extra: str) -> subprocess.CompletedProcess:
-    """Run ``worker`` (a script beside this file) in 2 gloo processes with ``extra`` arguments and wait for it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(WORKER.with_name(worker)), "--mode", mode, "--out", str(out), *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+def run_worker(mode: str, out: Path) -> subprocess.CompletedProcess:
+    """Run the DDP worker (beside this file) in 2 gloo processes."""
+    return torchrun(WORKER, "--mode", mode, "--out", str(out))
 
 
 @pytest.mark.parametrize("mode", ["train", "train-checkpointing"])
 def test_ddp_matches_single_process_on_the_global_batch(tmp_path, mode):
-    result = torchrun(mode, tmp_path)
+    result = run_worker(mode, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(tmp_path / f"{mode}.pt")
 
@@ -48,14 +42,14 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path, mode):
 
 
 def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
-    result = torchrun("no-unused", tmp_path)
+    result = run_worker("no-unused", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         assert "find_unused_parameters=True" in (tmp_path / f"error-{rank}.txt").read_text()
 
 
 def test_check_ranks_reports_masks_that_differ(tmp_path):
-    result = torchrun("mismatch", tmp_path)
+    result = run_worker("mismatch", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         assert "DropBP masks differ between rank" in (tmp_path / f"error-{rank}.txt").read_text()

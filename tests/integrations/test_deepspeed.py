@@ -1,11 +1,12 @@
 """DeepSpeed ZeRO-1/2/3 with 2 gloo processes (torchrun and the HF Trainer), against single-process references."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama
-from test_ddp import torchrun
+from helpers import torchrun
 
 import dropbp
 
@@ -13,7 +14,12 @@ pytest.importorskip("deepspeed")
 
 from deepspeed_worker import PER_RANK, SEED, STEPS, global_batch  # noqa: E402
 
-WORKER = "deepspeed_worker.py"
+WORKER = Path(__file__).with_name("deepspeed_worker.py")
+
+
+def run_worker(mode: str, out, *extra: str):
+    """Run the DeepSpeed worker (beside this file) in 2 gloo processes."""
+    return torchrun(WORKER, "--mode", mode, "--out", str(out), *extra)
 
 # Each setting trains STEPS optimizer steps with SGD (no clipping) under one engine; the reference below runs
 # the same global batches and masks in one process. ZeRO-3 and offload leave a parameter that got no gradient
@@ -63,7 +69,7 @@ def reference(setting: dict, batches=None, rates_after=None) -> dict[str, torch.
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed-engine")
-    result = torchrun("engine", out, WORKER, "--settings", json.dumps(EXACT_SETTINGS))
+    result = run_worker("engine", out, "--settings", json.dumps(EXACT_SETTINGS))
     assert result.returncode == 0, result.stderr[-3000:]
     return {json.dumps(r["setting"], sort_keys=True): r for r in torch.load(out / "engine.pt")}
 
@@ -92,7 +98,7 @@ BF16_SETTINGS = [
 def test_under_bf16_a_dropped_branch_is_untouched_and_a_kept_one_moves(tmp_path):
     # bf16 has no exact single-process twin; what must hold exactly is the invariant: with SGD and one mask per
     # optimizer step, a branch dropped in that step keeps every parameter bit for bit, a kept one changes.
-    result = torchrun("untouched", tmp_path, WORKER, "--settings", json.dumps(BF16_SETTINGS))
+    result = run_worker("untouched", tmp_path, "--settings", json.dumps(BF16_SETTINGS))
     assert result.returncode == 0, result.stderr[-3000:]
     for saved in torch.load(tmp_path / "untouched.pt"):
         steps = saved["moved"]
@@ -114,7 +120,7 @@ REFUSED = {
 
 def test_what_zero_cannot_make_exact_is_refused_on_every_rank(tmp_path):
     settings = {name: setting for name, (setting, _) in REFUSED.items()}
-    result = torchrun("refusals", tmp_path, WORKER, "--settings", json.dumps(settings))
+    result = run_worker("refusals", tmp_path, "--settings", json.dumps(settings))
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         messages = json.loads((tmp_path / f"refusals-{rank}.json").read_text())
@@ -125,7 +131,7 @@ def test_what_zero_cannot_make_exact_is_refused_on_every_rank(tmp_path):
 
 
 def test_sensitivity_under_zero2_is_exact_and_averaged_over_ranks(tmp_path):
-    result = torchrun("sensitivity", tmp_path, WORKER)
+    result = run_worker("sensitivity", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(tmp_path / "sensitivity.pt")
     for rank in (0, 1):
@@ -144,7 +150,7 @@ def test_sensitivity_under_zero2_is_exact_and_averaged_over_ranks(tmp_path):
 @pytest.mark.parametrize(("stage", "sensitivity_at"), [(2, None), (3, None), (2, 0.25)])
 def test_trainer_with_a_deepspeed_dict_matches_single_process(tmp_path, stage, sensitivity_at):
     extra = ["--stage", str(stage)] + ([] if sensitivity_at is None else ["--sensitivity-at", str(sensitivity_at)])
-    result = torchrun("trainer", tmp_path, WORKER, *extra)
+    result = run_worker("trainer", tmp_path, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(tmp_path / "trainer.pt")
     seen = [torch.load(tmp_path / f"trainer-batches-{rank}.pt") for rank in (0, 1)]
@@ -165,7 +171,7 @@ def test_trainer_with_a_deepspeed_dict_matches_single_process(tmp_path, stage, s
     (["--checkpointing"], "use_reentrant': True"),
 ], ids=["sensitivity", "non-reentrant-checkpointing"])
 def test_trainer_refuses_what_zero3_cannot_make_exact_at_train_begin(tmp_path, extra, expected):
-    result = torchrun("trainer", tmp_path, WORKER, "--stage", "3", *extra)
+    result = run_worker("trainer", tmp_path, "--stage", "3", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         message = (tmp_path / f"trainer-error-{rank}.txt").read_text()
@@ -179,7 +185,7 @@ def test_a_second_engine_over_the_same_handle_gets_its_own_zeroing_guard(tmp_pat
     # DeepSpeed 0.19 engine 1 outlives engine 2's creation here (its forward hooks on the model and the parameters'
     # _zero_optimizer reach it), so the ids differ; what is checked holds either way.
     setting = {"stage": 2, "offload": True}
-    result = torchrun("second-engine", tmp_path, WORKER, "--settings", json.dumps(setting))
+    result = run_worker("second-engine", tmp_path, "--settings", json.dumps(setting))
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(tmp_path / "second-engine.pt")
     print(f"engine 1 freed: {saved['freed']}, id(engine 2) == id(engine 1): {saved['same_id']}")

@@ -6,18 +6,21 @@ Sensitivity works under FSDP2 (parameters gathered for it) and is refused under 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama
-from test_ddp import torchrun
+from helpers import torchrun
 
 import dropbp
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
 def test_fsdp_matches_single_process_on_the_global_batch(tmp_path, mode):
-    result = torchrun(mode, tmp_path, worker="fsdp_worker.py")
+    result = torchrun(WORKER, "--mode", mode, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(tmp_path / f"{mode}.pt")
 

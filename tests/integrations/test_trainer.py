@@ -6,46 +6,11 @@ import sys
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from trainer_helpers import MaskLog, StopAt, TokenData, recording, training_args
+from transformers import Trainer, TrainerCallback
 
 import dropbp
 from dropbp import DropBPCallback
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=32, length=12, vocab=64):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def training_args(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
-    return TrainingArguments(**{**settings, **overrides})
-
-
-class MaskLog:
-    """Records the mask of every step the handle samples (sensitivity forwards sample none)."""
-
-    def __init__(self, model):
-        self.masks = []
-        self.seen = None
-        model.register_forward_hook(self.record)
-
-    def record(self, module, args, output):
-        handle = dropbp.find_handle(module)
-        if handle.step_count != self.seen:
-            self.seen = handle.step_count
-            self.masks.append(handle.mask)
 
 
 def test_trainer_applies_measures_allocates_and_logs(tmp_path):
@@ -155,18 +120,6 @@ def test_resume_continues_the_same_masks(tmp_path, sensitivity_at, drop_schedule
     if drop_schedule != "constant":
         assert full_handle.total_steps == 12 and full_handle.rates_at(11) == [0.0] * 6
         assert not any(full_masks[-1])
-
-
-class StopAt(TrainerCallback):
-    """Ends training after ``step`` optimizer steps, as an interrupted job would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_sft_trainer(tmp_path):
@@ -298,8 +251,6 @@ def test_sensitivity_outside_a_trainer_is_refused_at_train_begin(tmp_path):
 def test_sensitivity_with_label_smoothing_measures_the_smoothed_training_loss(tmp_path):
     # The Trainer's compute_loss pops "labels" from its inputs under label smoothing: the measurement must still
     # see them, and computes the same (smoothed) loss as training on that batch (learning rate 0: same weights).
-    from test_trl import recording
-
     callback = DropBPCallback(drop_rate=0.5, sensitivity_at=0.5, sensitivity_examples=None)
     args = training_args(tmp_path, max_steps=2, gradient_accumulation_steps=1, label_smoothing_factor=0.1,
                          learning_rate=0.0)

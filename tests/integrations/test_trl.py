@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama
+from trainer_helpers import recording
 from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
@@ -330,23 +331,6 @@ def test_reward_short_run_with_the_callback(tmp_path):
 
 
 # ----------------------------------------------------------------------------- sensitivity on the trained objective
-def recording(trainer_class):
-    """``trainer_class`` that keeps every compute_loss value, and how many values each TRL metric holds at each log."""
-
-    class Recording(trainer_class):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self.__dict__.setdefault("losses_seen", []).append(loss.item())
-            return loss
-
-        def log(self, logs, *args, **kwargs):
-            metrics = getattr(self, "_metrics", {}).get("train", {})
-            self.__dict__.setdefault("metric_counts", []).append({k: len(v) for k, v in metrics.items()})
-            super().log(logs, *args, **kwargs)
-
-    return Recording
-
-
 @pytest.mark.parametrize(("build", "trainer_class"), [(dpo_trainer, DPOTrainer), (grpo_trainer, GRPOTrainer),
                                                       (reward_trainer, RewardTrainer)], ids=["dpo", "grpo", "reward"])
 @pytest.mark.parametrize("examples", [None, 1])
