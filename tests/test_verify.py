@@ -216,13 +216,17 @@ def test_check_refuses_an_attached_model_and_a_plain_module_without_inputs():
 
 
 # ------------------------------------------------------------------ the fallback's safety net in training
-def test_apply_verifies_fallback_branches_on_a_tiny_copy():
+def test_apply_verifies_fallback_branches_on_a_tiny_copy(caplog):
     rng = torch.random.get_rng_state()
     with pytest.raises(DropBPError, match="generic fallback are unsafe .residual stream"):
         dropbp.apply(toy(residual_inside=True))
     model = toy(residual_inside=False)
     rng = torch.random.get_rng_state()
-    handle = dropbp.apply(model)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dropbp.verify"):
+        handle = dropbp.apply(model)
+    assert "is not in the architecture table: verifying the generic fallback's branches on a tiny random copy" in (
+        caplog.text)
     assert torch.equal(torch.random.get_rng_state(), rng)  # the copy's random weights came from a forked RNG
     assert handle.branch_source == "fallback" and len(handle.branches) == 4
     handle.remove()
@@ -234,9 +238,11 @@ def test_apply_verifies_fallback_branches_on_a_tiny_copy():
     assert dropbp.apply(tiny_causal_lm("llama"), branches=["*.mlp"]).branch_source == "patterns"
 
 
-def test_fallback_branches_without_a_tiny_copy_are_verified_on_the_first_batch():
+def test_fallback_branches_without_a_tiny_copy_are_verified_on_the_first_batch(caplog):
     model = toy(residual_inside=True, registered=False)
-    handle = dropbp.apply(model)  # no copy can be built: nothing to check at apply
+    with caplog.at_level("INFO", logger="dropbp.verify"):
+        handle = dropbp.apply(model)  # no copy can be built: nothing to check at apply, and the log says why
+    assert "are not verified" in caplog.text and "verify them on the first batch" in caplog.text
     assert handle.branch_source == "fallback"
     batch = torch.randint(3, 64, (2, 8))
     with pytest.raises(DropBPError, match="generic fallback are unsafe"):

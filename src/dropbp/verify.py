@@ -30,6 +30,7 @@ afterwards, so the model is left as it was given.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ __all__ = [
     "CallArguments", "CheckReport", "CheckResult", "check", "check_residual_stream", "require_sound_branches",
     "verify_fallback_on_a_tiny_copy",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -703,9 +706,15 @@ def verify_fallback_on_a_tiny_copy(model: nn.Module) -> None:
             the residual stream), or the copy trains without DropBP but fails with it.
     """
 
+    name = type(model).__name__
     config = find_config(model)
     if config is None:
+        logger.info("DropBP: %s is not in the architecture table and has no Hugging Face config, so its generic "
+                    "fallback branches are not verified on a tiny copy; the Trainer callback and dropbp finetune "
+                    "verify them on the first batch", name)
         return
+    logger.info("DropBP: %s (model_type %r) is not in the architecture table: verifying the generic fallback's "
+                "branches on a tiny random copy of it", name, getattr(config, "model_type", None))
     with torch.random.fork_rng(devices=[]):
         try:
             with warnings.catch_warnings():
@@ -714,7 +723,10 @@ def verify_fallback_on_a_tiny_copy(model: nn.Module) -> None:
                 batch = example_batch(tiny)
                 _call(tiny, batch).loss.backward()  # the copy must train without DropBP first
                 tiny.zero_grad(set_to_none=True)
-        except Exception:  # noqa: BLE001 - no working copy: the first-batch check in training remains
+        except Exception as error:  # noqa: BLE001 - no working copy: the first-batch check in training remains
+            logger.info("DropBP: no tiny copy of %s trains (%s: %s), so the fallback branches are not verified "
+                        "here; the Trainer callback and dropbp finetune verify them on the first batch", name,
+                        type(error).__name__, " ".join(str(error).split())[:200])
             return
         try:
             with warnings.catch_warnings():
