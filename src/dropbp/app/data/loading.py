@@ -165,7 +165,7 @@ def load_examples(
         source: A ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file; a folder saved with
             ``save_to_disk`` or holding data files; or a Hub dataset id (``owner/name``).
         split: The split of a Hub dataset, a saved ``DatasetDict`` or a folder of data
-            files (default ``"train"``); a single file has only one.
+            files (default ``"train"``); a single file or a saved ``Dataset`` is one split, read whole.
         config: The Hub dataset's configuration (subset), if it has several.
         data_format: ``"auto"`` (from the fields) or one of :data:`DATA_FORMATS`.
         columns: Field -> column mapping (see :func:`parse_columns`), applied before the
@@ -294,11 +294,8 @@ def _open_dataset(datasets: Any, path: Path, name: str, split: str | None, confi
                 saved = datasets.load_from_disk(str(path))
             except Exception as error:
                 raise DataError(f"{name}: cannot read the saved dataset ({_one_line(error)})") from error
-            if isinstance(saved, datasets.DatasetDict):
-                return _pick_split(saved, name, split)
-            if split not in (None, "train"):
-                raise DataError(f"{name}: a saved Dataset has one split; drop --data-split {split}")
-            return saved
+            # a saved Dataset, like a single file, is one split: the split names a DatasetDict's only
+            return _pick_split(saved, name, split) if isinstance(saved, datasets.DatasetDict) else saved
         if not any(p.suffix.lower() in (*_DATA_FILES, ".jsonl") for p in path.rglob("*") if p.is_file()):
             raise DataError(f"{name}: is a folder without a saved dataset (save_to_disk) or data files "
                             f"(.jsonl, .json, .csv, .parquet)")
