@@ -5,13 +5,10 @@ through the real ``datasets`` library."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import put_dataset_in_hub_cache
+from helpers import put_dataset_in_hub_cache, run_cli
 
 from dropbp.app.data import DataError, is_text_data, load_examples, parse_columns
 
@@ -249,17 +246,11 @@ def test_a_folder_of_data_files_and_an_empty_folder(tmp_path):
 # ----------------------------------------------------------------------------- the Hub, through its cache
 
 
-def _load_offline(home: Path, script: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_DATASETS_CACHE", None)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_a_hub_dataset_loads_offline_from_the_cache(tmp_path):
     put_dataset_in_hub_cache(tmp_path / "hf", "someone/tiny-alpaca", ALPACA)
     script = ("import json; from dropbp.app.data import load_examples; "
               "print(json.dumps([(e['prompt'], e['response']) for e in load_examples('someone/tiny-alpaca')]))")
-    done = _load_offline(tmp_path / "hf", script)
+    done = run_cli(tmp_path / "hf", "-c", script)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [["Add 2 and 3.", "5"],
                                                                  ["Translate to French.\n\ncat", "chat"]]
@@ -270,7 +261,7 @@ def test_a_hub_dataset_that_is_not_cached_is_a_one_line_error(tmp_path):
     script = ("from dropbp.app.data import DataError, load_examples\n"
               "try:\n    load_examples('someone/not-fetched')\n"
               "except DataError as e:\n    print('ERROR', e)\n")
-    done = _load_offline(tmp_path / "hf", script)
+    done = run_cli(tmp_path / "hf", "-c", script)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
     assert line.startswith("ERROR dataset 'someone/not-fetched' is not a local file or folder and is not in the "
@@ -286,7 +277,7 @@ def test_a_hub_dataset_with_several_configurations_needs_data_config(tmp_path):
               "for config in (None, 'nope'):\n"
               "    try:\n        load_examples('someone/mixed', config=config)\n"
               "    except DataError as e:\n        print('ERROR', e)\n")
-    done = _load_offline(tmp_path / "hf", script)
+    done = run_cli(tmp_path / "hf", "-c", script)
     assert done.returncode == 0, done.stderr
     ok, several, wrong = done.stdout.strip().splitlines()[-3:]
     assert ok == "OK ['Hello!', '6']"
